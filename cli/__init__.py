@@ -1,0 +1,1 @@
+"""The `wsikit` command line: parses arguments, calls the library, prints."""

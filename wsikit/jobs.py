@@ -1,0 +1,436 @@
+"""Job directories shared by every per-slide stage: slide lists, shards, locks, atomic writes, status.
+
+A job directory holds each stage's outputs and one status record per slide and stage::
+
+    <job>/status/<stage>/<slide_id>.json   written last, after the outputs were renamed into place
+    <job>/locks/<stage>/<slide_id>.lock    held while a process works on that slide
+
+Resume trusts only the status records: a lock or an output file is never taken as proof of completion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import json
+import os
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SLIDE_EXTENSIONS = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm", ".qptiff",
+)  # fmt: skip
+STALE_LOCK_SECONDS = 24 * 3600
+
+
+class JobError(ValueError):
+    """Bad job input (slide list, shard, table); the message names the file and the fix."""
+
+
+# -- atomic writes -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds.
+
+    The temporary name starts with ``.`` and ends with ``.tmp`` so nothing mistakes it for an output;
+    on any error it is removed and an existing ``dest`` is left untouched.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=(suffix or "") + ".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    tmp_path.unlink()  # writers (h5py, zarr, PIL) create the file or folder themselves
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest) if not dest.is_dir() else _replace_dir(tmp_path, dest)
+    except BaseException:
+        _remove(tmp_path)
+        raise
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+    os.replace(dest, old)
+    os.replace(tmp, dest)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def write_json(dest: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON atomically (temp file, fsync, rename)."""
+    with atomic_path(dest) as tmp, open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, default=_json_default)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Path(dest)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+# -- slide lists ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SlideEntry:
+    """One slide of a batch: where it is, its id, and optional per-slide facts from a slide list."""
+
+    path: Path
+    slide_id: str
+    mpp: float | None = None
+    patient_id: str | None = None
+    label: str | None = None
+
+
+def _is_slide(path: Path) -> bool:
+    return path.suffix.lower() in SLIDE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _read_slide_table(table: Path) -> list[SlideEntry]:
+    try:
+        text = table.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise JobError(
+            f"{table}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from exc
+    dialect = "excel-tab" if table.suffix.lower() == ".tsv" else "excel"
+    rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
+    if not rows or "path" not in rows[0]:
+        cols = ", ".join(rows[0]) if rows else "none"
+        raise JobError(f"{table}: a slide list needs a 'path' column (found: {cols})")
+    entries = []
+    for n, row in enumerate(rows, start=2):
+        path = Path(row["path"]).expanduser()
+        if not path.is_absolute():
+            path = table.parent / path
+        mpp = (row.get("mpp") or "").strip()
+        try:
+            mpp_value = float(mpp) if mpp else None
+        except ValueError as exc:
+            raise JobError(f"{table}:{n}: mpp {mpp!r} is not a number (µm/px, e.g. 0.25)") from exc
+        entries.append(
+            SlideEntry(
+                path=path,
+                slide_id=(row.get("slide_id") or "").strip() or path.stem,
+                mpp=mpp_value,
+                patient_id=(row.get("patient_id") or "").strip() or None,
+                label=(row.get("label") or "").strip() or None,
+            )
+        )
+    return entries
+
+
+def resolve_slides(
+    inputs: Sequence[str | os.PathLike], recursive: bool = False, id_from: str = "stem"
+) -> list[SlideEntry]:
+    """Turn files, folders, globs and CSV/TSV slide lists into unique :class:`SlideEntry` s, sorted by id.
+
+    ``id_from="relpath"`` derives ids from the path relative to the given folder (``a/b.svs`` → ``a__b``),
+    for collections with duplicate file names.
+    """
+    entries: list[SlideEntry] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.suffix.lower() in (".csv", ".tsv") and p.is_file():
+            entries.extend(_read_slide_table(p))
+        elif p.is_dir():
+            found = sorted(p.rglob("*") if recursive else p.iterdir())
+            entries.extend(
+                SlideEntry(f, _slide_id(f, p, id_from)) for f in found if f.is_file() and _is_slide(f)
+            )
+        elif any(ch in str(item) for ch in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(str(p), recursive=recursive))]
+            entries.extend(SlideEntry(m, m.stem) for m in matches if m.is_file())
+        else:
+            entries.append(SlideEntry(p, p.stem))  # missing files fail per slide, with a status record
+    seen: dict[str, Path] = {}
+    for e in entries:
+        if e.slide_id in seen and seen[e.slide_id] != e.path:
+            raise JobError(
+                f"duplicate slide id {e.slide_id!r}: {seen[e.slide_id]} and {e.path}; "
+                "give a slide_id column in a slide list, or derive ids from relative paths (--id-from relpath)"
+            )
+        seen[e.slide_id] = e.path
+    unique = {e.slide_id: e for e in entries}
+    return [unique[k] for k in sorted(unique)]
+
+
+def _slide_id(path: Path, root: Path, id_from: str) -> str:
+    if id_from == "relpath":
+        return "__".join(path.relative_to(root).with_suffix("").parts)
+    return path.stem
+
+
+# -- shards and allotted resources ---------------------------------------------------------------------
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse ``"i/n"`` (0-based i) into (i, n)."""
+    try:
+        i_text, n_text = text.split("/")
+        i, n = int(i_text), int(n_text)
+    except ValueError as exc:
+        raise JobError(f"--shard {text!r}: expected i/n, e.g. 0/4 (0-based index)") from exc
+    if not (n >= 1 and 0 <= i < n):
+        raise JobError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def scheduler_shard(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """The (index, count) of this task in a scheduler job array, or None outside one.
+
+    SLURM (``SLURM_ARRAY_TASK_ID`` with ``_COUNT`` or ``_MIN``/``_MAX``), PBS/Torque
+    (``PBS_ARRAY_INDEX``/``PBS_ARRAYID`` with ``WSIKIT_ARRAY_COUNT``), SGE (``SGE_TASK_ID``,
+    ``SGE_TASK_FIRST``/``_LAST``) and LSF (``LSB_JOBINDEX``, ``LSB_JOBINDEX_END``).
+    """
+    env = os.environ if env is None else env
+
+    def num(name: str) -> int | None:
+        value = env.get(name, "")
+        return int(value) if value.strip().lstrip("-").isdigit() else None
+
+    candidates = [
+        ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_COUNT"),
+        ("SGE_TASK_ID", "SGE_TASK_FIRST", "SGE_TASK_LAST", None),
+        ("LSB_JOBINDEX", None, "LSB_JOBINDEX_END", None),
+        ("PBS_ARRAY_INDEX", None, None, None),
+        ("PBS_ARRAYID", None, None, None),
+    ]
+    for task, lo, hi, count in candidates:
+        tid = num(task)
+        if tid is None:
+            continue
+        first = num(lo) if lo else (1 if task == "LSB_JOBINDEX" else 0)
+        first = 0 if first is None else first
+        n = num(count) if count else None
+        if n is None and hi and num(hi) is not None:
+            n = num(hi) - first + 1  # type: ignore[operator]
+        n = n or num("WSIKIT_ARRAY_COUNT")
+        if n is None:
+            raise JobError(
+                f"{task}={tid} is set but the array size is unknown; set WSIKIT_ARRAY_COUNT or --shard"
+            )
+        return tid - first, n
+    return None
+
+
+def select_shard(entries: Sequence[SlideEntry], shard: tuple[int, int] | None) -> list[SlideEntry]:
+    """Deterministic round-robin share of a slide list (sorted by id) for shard (i, n)."""
+    if shard is None:
+        return list(entries)
+    i, n = shard
+    ordered = sorted(entries, key=lambda e: e.slide_id)
+    return ordered[i::n]
+
+
+def allotted_cpus() -> int:
+    """CPUs this process may use: the least of affinity, ``SLURM_CPUS_PER_TASK`` and the cgroup quota."""
+    counts = [len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)]
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit():
+        counts.append(int(slurm))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            counts.append(max(1, int(int(quota) / int(period))))
+    return max(1, min(counts))
+
+
+# -- status records and locks --------------------------------------------------------------------------
+@dataclass
+class Status:
+    """A slide's record for one stage: ``done`` only after its outputs are in place."""
+
+    stage: str
+    slide_id: str
+    state: str  # "done" | "failed"
+    outputs: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    finished_at: float = field(default_factory=time.time)
+    wsikit_version: str = ""
+
+
+def status_path(job_dir: str | os.PathLike, stage: str, slide_id: str) -> Path:
+    return Path(job_dir) / "status" / stage / f"{slide_id}.json"
+
+
+def read_status(job_dir: str | os.PathLike, stage: str, slide_id: str) -> Status | None:
+    """The slide's status record for ``stage``, or None when it has none (or an unreadable one)."""
+    path = status_path(job_dir, stage, slide_id)
+    try:
+        return Status(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_status(job_dir: str | os.PathLike, status: Status) -> Path:
+    from wsikit import __version__
+
+    status.wsikit_version = __version__
+    return write_json(status_path(job_dir, status.stage, status.slide_id), asdict(status))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def slide_lock(
+    job_dir: str | os.PathLike, stage: str, slide_id: str, stale_after: float = STALE_LOCK_SECONDS
+) -> Iterator[bool]:
+    """Try to take the per-slide lock; yields True when held (and releases it), False when busy.
+
+    A lock whose process is dead on this host, or that is older than ``stale_after`` seconds,
+    is reclaimed.
+    """
+    path = Path(job_dir) / "locks" / stage / f"{slide_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _lock_is_stale(path, stale_after):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            yield False
+            return
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return
+    yield False
+
+
+def _lock_is_stale(path: Path, stale_after: float) -> bool:
+    try:
+        holder = json.loads(path.read_text())
+        age = time.time() - float(holder["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        # unreadable (being written, or a crash mid-write): stale only once it is old
+        try:
+            return time.time() - path.stat().st_mtime > 60
+        except FileNotFoundError:
+            return True
+    if age > stale_after:
+        return True
+    return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1)))
+
+
+# -- the per-slide loop --------------------------------------------------------------------------------
+@dataclass
+class StageResult:
+    """What a stage function returns for one slide."""
+
+    outputs: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BatchSummary:
+    """Counts and per-slide records of a batch run."""
+
+    done: list[Status] = field(default_factory=list)
+    failed: list[Status] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already done (resume) or failed without --retry-failed
+    busy: list[str] = field(default_factory=list)  # locked by another live process
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its message, or its type when it has none."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def run_batch(
+    stage: str,
+    entries: Iterable[SlideEntry],
+    work: Callable[[SlideEntry], StageResult],
+    job_dir: str | os.PathLike,
+    overwrite: bool = False,
+    retry_failed: bool = False,
+    on_start: Callable[[SlideEntry], None] | None = None,
+    on_end: Callable[[SlideEntry, Status | None], None] | None = None,
+) -> BatchSummary:
+    """Run ``work`` on each slide with locks, skip-done and per-slide failure records.
+
+    A slide is skipped when its status says done (or failed, unless ``retry_failed``), unless
+    ``overwrite``. An exception in ``work`` becomes a ``failed`` record and the batch goes on.
+    """
+    summary = BatchSummary()
+    for entry in entries:
+        previous = read_status(job_dir, stage, entry.slide_id)
+        if previous and not overwrite and (previous.state == "done" or not retry_failed):
+            summary.skipped.append(entry.slide_id)
+            if on_end:
+                on_end(entry, None)
+            continue
+        with slide_lock(job_dir, stage, entry.slide_id) as held:
+            if not held:
+                summary.busy.append(entry.slide_id)
+                if on_end:
+                    on_end(entry, None)
+                continue
+            # another process may have finished the slide between our check and the lock
+            again = read_status(job_dir, stage, entry.slide_id)
+            if again and not overwrite and again.finished_at != getattr(previous, "finished_at", None):
+                summary.skipped.append(entry.slide_id)
+                if on_end:
+                    on_end(entry, None)
+                continue
+            if on_start:
+                on_start(entry)
+            t0 = time.perf_counter()
+            try:
+                result = work(entry)
+            except Exception as exc:
+                status = Status(stage, entry.slide_id, "failed", error=one_line(exc))
+                status.info["traceback"] = traceback.format_exc(limit=6)
+                summary.failed.append(status)
+            else:
+                status = Status(stage, entry.slide_id, "done", result.outputs, result.info, result.warnings)
+                summary.done.append(status)
+            status.seconds = round(time.perf_counter() - t0, 3)
+            write_status(job_dir, status)
+        if on_end:
+            on_end(entry, status)
+    return summary

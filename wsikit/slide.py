@@ -1,0 +1,416 @@
+"""One slide reader over OpenSlide and tiffslide, with physical resolution (µm/px).
+
+Resolution is always physical. Magnification, where a user gives it, is converted by the one
+convention used everywhere in wsikit: ``mpp = 10 / magnification`` (20x = 0.5 µm/px). Nothing is
+ever bucketed. A slide whose MPP cannot be trusted raises :class:`MPPError` naming the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+
+Backend = Literal["auto", "openslide", "tiffslide"]
+
+#: Relative tolerance within which two resolutions count as the same (0.499 vs 0.5 µm/px).
+MPP_TOLERANCE = 0.05
+#: Plausible range for a microscopy MPP in µm/px; outside it a resolution tag is a default, not a scan.
+MPP_PLAUSIBLE = (0.05, 20.0)
+_UNIT_TO_UM = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "millimeter": 1e3, "mm": 1e3, "micrometer": 1.0}
+
+
+class SlideError(RuntimeError):
+    """A slide cannot be opened or read; the message names the file and the fix."""
+
+
+class MPPError(SlideError):
+    """A slide has no trustworthy physical resolution."""
+
+
+def mag_to_mpp(magnification: float) -> float:
+    """Convert an objective magnification to µm/px by wsikit's convention (10 / magnification)."""
+    if magnification <= 0:
+        raise ValueError(f"magnification must be positive, got {magnification}")
+    return 10.0 / magnification
+
+
+def mpp_to_mag(mpp: float) -> float:
+    """Inverse of :func:`mag_to_mpp`: the nominal magnification of a resolution (10 / mpp)."""
+    return 10.0 / mpp
+
+
+def same_mpp(a: float, b: float, tol: float = MPP_TOLERANCE) -> bool:
+    """True when two resolutions differ by less than ``tol`` (relative)."""
+    return abs(a / b - 1.0) <= tol
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """The pyramid level to read for a target resolution and the scale from that level to the target."""
+
+    level: int
+    downsample: float
+    scale: float  # level pixels per target pixel (1.0 = no resize)
+
+
+def _plausible(mpp: float) -> bool:
+    return MPP_PLAUSIBLE[0] <= mpp <= MPP_PLAUSIBLE[1]
+
+
+def _float(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def _tiff_resolution_mpp(path: Path) -> tuple[float, float] | None:
+    """MPP from TIFF XResolution/YResolution with their unit, or None when absent or not microscopy."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            xres, yres, unit = (tags.get(n) for n in ("XResolution", "YResolution", "ResolutionUnit"))
+            if xres is None or yres is None or unit is None:
+                return None
+            unit_name = getattr(unit.value, "name", str(unit.value)).lower()
+            factor = _UNIT_TO_UM.get(unit_name)
+            if factor is None:
+                return None
+            px_per_unit = [
+                v[0] / v[1] if isinstance(v, tuple) else float(v) for v in (xres.value, yres.value)
+            ]
+    except Exception:  # not a TIFF, or unreadable tags: simply no resolution from here
+        return None
+    if min(px_per_unit) <= 0:
+        return None
+    mpp = (factor / px_per_unit[0], factor / px_per_unit[1])
+    return mpp if all(_plausible(m) for m in mpp) else None
+
+
+class Slide:
+    """An open whole-slide image. Use :func:`open_slide`; pickles as its path and reopens in workers."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        backend: Backend = "auto",
+        mpp: float | tuple[float, float] | None = None,
+        slide_id: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.slide_id = slide_id or self.path.stem
+        self._requested_backend = backend
+        if mpp is not None:
+            pair = (float(mpp), float(mpp)) if np.isscalar(mpp) else tuple(float(m) for m in mpp)
+            if len(pair) != 2 or not all(_plausible(m) for m in pair):
+                raise MPPError(f"{self.path}: mpp override {mpp!r} is outside {MPP_PLAUSIBLE} µm/px")
+            self._mpp_override: tuple[float, float] | None = pair  # type: ignore[assignment]
+        else:
+            self._mpp_override = None
+        self._open()
+
+    # -- opening ---------------------------------------------------------------------------------------
+    def _open(self) -> None:
+        path = self.path
+        if not path.exists():
+            raise SlideError(f"{path}: no such file")
+        if path.is_dir():
+            raise SlideError(f"{path}: is a directory, not a slide file")
+        if not os.access(path, os.R_OK):
+            raise SlideError(f"{path}: not readable (permission denied); fix the file's permissions")
+        size = path.stat().st_size
+        if size == 0:
+            raise SlideError(f"{path}: empty file (0 bytes); the copy is incomplete, copy the slide again")
+        order = ["openslide", "tiffslide"] if self._requested_backend == "auto" else [self._requested_backend]
+        errors = []
+        for name in order:
+            try:
+                self._handle = _OPENERS[name](path)
+                self.backend = name
+                break
+            except Exception as exc:  # each backend raises its own types; collect and report them all
+                errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        else:
+            raise SlideError(
+                f"{path}: cannot be opened as a slide ({'; '.join(errors)}); "
+                f"check it is a complete whole-slide file ({size} bytes) in a format OpenSlide or tiffslide reads"
+            )
+        self._mpp_source, self._mpp = self._find_mpp()
+
+    def __getstate__(self) -> dict:
+        return {
+            "path": self.path,
+            "backend": self.backend,
+            "mpp": self._mpp_override,
+            "slide_id": self.slide_id,
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        self.path, self.slide_id = state["path"], state["slide_id"]
+        self._requested_backend, self._mpp_override = state["backend"], state["mpp"]
+        self._open()
+
+    def close(self) -> None:
+        """Release the file handle."""
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            handle.close()
+            self._handle = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({str(self.path)!r}, backend={self.backend!r}, dimensions={self.dimensions})"
+
+    # -- metadata --------------------------------------------------------------------------------------
+    @property
+    def properties(self) -> Mapping[str, Any]:
+        return self._handle.properties
+
+    @property
+    def associated_images(self) -> Mapping[str, Any]:
+        """Label, macro, thumbnail… as PIL images, read on access."""
+        return self._handle.associated_images
+
+    @property
+    def vendor(self) -> str | None:
+        return self.properties.get(f"{self.backend}.vendor")
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return tuple(self._handle.dimensions)  # type: ignore[return-value]
+
+    @property
+    def level_count(self) -> int:
+        return self._handle.level_count
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(tuple(d) for d in self._handle.level_dimensions)  # type: ignore[misc]
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._handle.level_downsamples)
+
+    @property
+    def objective_power(self) -> float | None:
+        return _float(self.properties.get(f"{self.backend}.objective-power"))
+
+    def _find_mpp(self) -> tuple[str | None, tuple[float, float] | None]:
+        if self._mpp_override is not None:
+            return "override", self._mpp_override
+        props = self.properties
+        pair = (_float(props.get(f"{self.backend}.mpp-x")), _float(props.get(f"{self.backend}.mpp-y")))
+        if pair[0] and pair[1] and _plausible(pair[0]) and _plausible(pair[1]):
+            return f"{self.backend}.mpp", pair  # type: ignore[return-value]
+        aperio = _float(props.get("aperio.MPP"))
+        if aperio and _plausible(aperio):
+            return "aperio.MPP", (aperio, aperio)
+        tiff = _tiff_resolution_mpp(self.path)
+        if tiff is not None:
+            return "tiff resolution", tiff
+        return None, None
+
+    @property
+    def mpp_source(self) -> str | None:
+        """Where the MPP came from (vendor property, TIFF tags, override), or None when unknown."""
+        return self._mpp_source
+
+    @property
+    def has_mpp(self) -> bool:
+        return self._mpp is not None
+
+    @property
+    def mpp(self) -> tuple[float, float]:
+        """Level-0 (x, y) resolution in µm/px. Raises :class:`MPPError` when unknown."""
+        if self._mpp is None:
+            raise MPPError(
+                f"{self.path}: no trustworthy MPP in the file (no vendor MPP, no microscopy resolution tags); "
+                "pass mpp= (CLI: --mpp 0.25) or add an 'mpp' column to the slide list"
+            )
+        return self._mpp
+
+    @property
+    def mpp0(self) -> float:
+        """Level-0 resolution as one number (mean of x and y) in µm/px."""
+        x, y = self.mpp
+        return (x + y) / 2.0
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp0 * self.level_downsamples[level]
+
+    # -- geometry --------------------------------------------------------------------------------------
+    def level0_extent(self, size_px: int, mpp: float) -> int:
+        """Side in level-0 pixels of ``size_px`` pixels at ``mpp`` (exactly ``size_px`` at level-0 MPP)."""
+        ratio = mpp / self.mpp0
+        return int(size_px) if same_mpp(mpp, self.mpp0) else int(round(size_px * ratio))
+
+    def best_level(self, mpp: float, tol: float = MPP_TOLERANCE) -> LevelChoice:
+        """The coarsest level not coarser than ``mpp`` (within ``tol``), and the resize scale from it."""
+        target_ds = mpp / self.mpp0 if not same_mpp(mpp, self.mpp0, tol) else 1.0
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= target_ds * (1.0 + tol):
+                best = level if ds >= self.level_downsamples[best] else best
+        ds = self.level_downsamples[best]
+        scale = target_ds / ds
+        return LevelChoice(best, ds, 1.0 if abs(scale - 1.0) <= tol else scale)
+
+    # -- pixels ----------------------------------------------------------------------------------------
+    def read_region(self, xy_level0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Read ``size`` (w, h) pixels of ``level`` at level-0 ``xy``; RGB uint8, transparent areas white."""
+        x, y = (int(v) for v in xy_level0)
+        w, h = (int(v) for v in size)
+        try:
+            if self.backend == "tiffslide":
+                arr = self._handle.read_region((x, y), level, (w, h), as_array=True)
+            else:
+                arr = np.asarray(self._handle.read_region((x, y), level, (w, h)))
+        except Exception as exc:
+            raise SlideError(
+                f"{self.path}: failed to read {w}x{h} px at ({x}, {y}) level {level}: {exc}"
+            ) from exc
+        return _to_rgb(arr)
+
+    def read_at_mpp(
+        self, xy_level0: tuple[int, int], size_px: int | tuple[int, int], mpp: float
+    ) -> np.ndarray:
+        """Read a ``size_px`` tile at resolution ``mpp`` whose top-left is ``xy_level0``.
+
+        Reads from the best pyramid level (see :meth:`best_level`) and resizes with antialiasing.
+        """
+        w, h = (size_px, size_px) if isinstance(size_px, int | np.integer) else size_px
+        choice = self.best_level(mpp)
+        ext0 = (self.level0_extent(w, mpp), self.level0_extent(h, mpp))
+        if choice.scale == 1.0 and choice.level == 0:
+            return self.read_region(xy_level0, 0, (w, h))
+        lw, lh = (max(1, round(e / choice.downsample)) for e in ext0)
+        region = self.read_region(xy_level0, choice.level, (lw, lh))
+        return resize(region, (w, h))
+
+    def thumbnail(self, max_side: int | None = 1024, mpp: float | None = None) -> np.ndarray:
+        """Whole-slide RGB picture at ``mpp`` µm/px, or with its longer side ``max_side`` pixels.
+
+        Reads the coarsest sufficient level in horizontal strips, so memory stays bounded on
+        single-level slides.
+        """
+        W, H = self.dimensions
+        if mpp is not None:
+            factor = mpp / self.mpp0
+        elif max_side is not None:
+            factor = max(W, H) / max_side
+        else:
+            raise ValueError("thumbnail needs max_side or mpp")
+        out_w, out_h = max(1, round(W / factor)), max(1, round(H / factor))
+        level = 0
+        for lv, ds in enumerate(self.level_downsamples):
+            if ds <= factor * (1 + MPP_TOLERANCE):
+                level = lv if ds >= self.level_downsamples[level] else level
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        level_rows_per_strip = max(1, 2**22 // max(lw, 1))  # about 12 MB of RGB per strip
+        out_rows_per_strip = max(1, level_rows_per_strip * out_h // lh)
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        r0 = 0
+        while r0 < out_h:
+            r1 = min(out_h, r0 + out_rows_per_strip)
+            ly0, ly1 = int(r0 * lh / out_h), min(lh, math.ceil(r1 * lh / out_h))
+            strip = self.read_region((0, int(round(ly0 * ds))), level, (lw, max(1, ly1 - ly0)))
+            out[r0:r1] = resize(strip, (out_w, r1 - r0))
+            r0 = r1
+        return out
+
+
+def _to_rgb(arr: np.ndarray) -> np.ndarray:
+    """RGBA/RGB/grey → RGB uint8, compositing transparent pixels on white."""
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.shape[2] == 4:
+        alpha = arr[..., 3:4].astype(np.uint32)
+        if alpha.min() == 255:
+            return np.ascontiguousarray(arr[..., :3])
+        rgb = arr[..., :3].astype(np.uint32)
+        return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an (H, W, C) uint8 image to ``size`` (w, h): area averaging down, bilinear up."""
+    w, h = size
+    if img.shape[1] == w and img.shape[0] == h:
+        return img
+    shrinking = w < img.shape[1] or h < img.shape[0]
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def _open_openslide(path: Path):
+    import openslide
+
+    return openslide.OpenSlide(str(path))
+
+
+def _open_tiffslide(path: Path):
+    import tiffslide
+
+    handle = tiffslide.TiffSlide(str(path))
+    handle.dimensions  # noqa: B018 - forces the first page to be parsed so broken files fail here
+    return handle
+
+
+_OPENERS = {"openslide": _open_openslide, "tiffslide": _open_tiffslide}
+
+
+def open_slide(
+    path: str | os.PathLike,
+    backend: Backend = "auto",
+    mpp: float | tuple[float, float] | None = None,
+    slide_id: str | None = None,
+) -> Slide:
+    """Open a whole-slide image. ``auto`` tries OpenSlide, then tiffslide (OME-TIFF, plain tiled TIFF).
+
+    ``mpp`` overrides the file's resolution (µm/px); ``slide.backend`` says which reader was used.
+    Usable as a context manager.
+    """
+    if backend not in ("auto", "openslide", "tiffslide"):
+        raise ValueError(f"unknown backend {backend!r}; use auto, openslide or tiffslide")
+    return Slide(path, backend=backend, mpp=mpp, slide_id=slide_id)
+
+
+def slide_facts(slide: Slide) -> dict[str, Any]:
+    """A JSON-able summary of a slide (what ``wsikit info`` prints)."""
+    return {
+        "slide_id": slide.slide_id,
+        "path": str(slide.path),
+        "backend": slide.backend,
+        "vendor": slide.vendor,
+        "dimensions": list(slide.dimensions),
+        "level_count": slide.level_count,
+        "level_dimensions": [list(d) for d in slide.level_dimensions],
+        "level_downsamples": [round(d, 4) for d in slide.level_downsamples],
+        "mpp": list(slide.mpp) if slide.has_mpp else None,
+        "mpp_source": slide.mpp_source,
+        "magnification": round(mpp_to_mag(slide.mpp0), 2) if slide.has_mpp else None,
+        "objective_power": slide.objective_power,
+        "associated_images": sorted(slide.associated_images),
+    }
+
+
+#: The real slide bundled with wsikit (CMU-1-Small-Region.svs, CC0), used by the demo and the tests.
+SAMPLE_SLIDE = Path(__file__).parent / "data" / "CMU-1-Small-Region.svs"
