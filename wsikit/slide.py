@@ -258,7 +258,7 @@ class Slide:
     def level0_extent(self, size_px: int, mpp: float) -> int:
         """Side in level-0 pixels of ``size_px`` pixels at ``mpp`` (exactly ``size_px`` at level-0 MPP)."""
         ratio = mpp / self.mpp0
-        return int(size_px) if same_mpp(mpp, self.mpp0) else int(round(size_px * ratio))
+        return int(size_px) if same_mpp(mpp, self.mpp0) else round(size_px * ratio)
 
     def best_level(self, mpp: float, tol: float = MPP_TOLERANCE) -> LevelChoice:
         """The coarsest level not coarser than ``mpp`` (within ``tol``), and the resize scale from it."""
@@ -330,7 +330,7 @@ class Slide:
         while r0 < out_h:
             r1 = min(out_h, r0 + out_rows_per_strip)
             ly0, ly1 = int(r0 * lh / out_h), min(lh, math.ceil(r1 * lh / out_h))
-            strip = self.read_region((0, int(round(ly0 * ds))), level, (lw, max(1, ly1 - ly0)))
+            strip = self.read_region((0, round(ly0 * ds)), level, (lw, max(1, ly1 - ly0)))
             out[r0:r1] = resize(strip, (out_w, r1 - r0))
             r0 = r1
         return out
