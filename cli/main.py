@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
-from wsikit.cli.common import fail, out
 
 from wsikit import __version__
+from wsikit.cli.common import fail, out
 from wsikit.slide import SlideError, open_slide, slide_facts
 
 app = typer.Typer(

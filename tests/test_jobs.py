@@ -64,7 +64,7 @@ def test_duplicate_ids_are_refused_with_a_way_out(tmp_path):
     for d in ("x", "y"):
         (tmp_path / d).mkdir()
         (tmp_path / d / "s.svs").write_bytes(b"x")
-    with pytest.raises(JobError, match="duplicate slide id 's'.*relpath"):
+    with pytest.raises(JobError, match=r"duplicate slide id 's'.*relpath"):
         resolve_slides([tmp_path], recursive=True)
     assert [e.slide_id for e in resolve_slides([tmp_path], recursive=True, id_from="relpath")] == ["x__s", "y__s"]
 

@@ -155,9 +155,8 @@ def test_bad_files_give_one_line_errors(tmp_path, sample_slide, case):
         path.write_bytes(sample_slide.read_bytes()[:4000])
     elif case == "text":
         path.write_text("slide_id,label\n")
-    with pytest.raises(SlideError) as info:
-        with open_slide(path) as slide:
-            slide.read_region((0, 0), 0, (2000, 2000))
+    with pytest.raises(SlideError) as info, open_slide(path) as slide:
+        slide.read_region((0, 0), 0, (2000, 2000))
     message = str(info.value)
     assert str(path) in message and "\n" not in message
 
