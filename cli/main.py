@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from wsikit import __version__
+from wsikit.cli import batch
 from wsikit.cli.common import fail, out
 from wsikit.slide import SlideError, open_slide, slide_facts
 
@@ -101,6 +102,9 @@ def demo(out_dir: Path = typer.Option(Path("demo_out"), "--out", help="Where to 
     )
     for name, path in result.written.items():
         out.print(f"  {name:<12} {path}")
+
+
+app.command()(batch.status)
 
 
 def main() -> None:

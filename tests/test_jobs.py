@@ -150,3 +150,31 @@ def test_run_batch_records_failures_and_resumes(tmp_path):
     assert calls[-1] == "b" and summary.skipped == ["a", "c"]
     run_batch("tile", entries, work, tmp_path, overwrite=True)
     assert calls[-3:] == ["a", "b", "c"]
+
+
+def test_job_status_counts_and_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from wsikit.cli.main import app
+    from wsikit.jobs import job_status
+
+    entries = [SlideEntry(f"{s}.svs", s) for s in ("a", "b", "c")]  # type: ignore[arg-type]
+
+    def work(entry):
+        if entry.slide_id == "b":
+            raise OSError("slide vanished")
+        return StageResult(warnings=["empty tissue mask"] if entry.slide_id == "c" else [])
+
+    run_batch("tile", entries, work, tmp_path)
+    run_batch("extract", entries[:1], work, tmp_path)
+    report = job_status(tmp_path)
+    assert report["slides"] == 3
+    assert report["stages"]["tile"] | {"warnings": None} == {
+        "done": 2, "failed": 1, "running": 0, "pending": 0, "warnings": None,
+        "failures": {"b": "OSError: slide vanished"},
+    }  # fmt: skip
+    assert report["stages"]["extract"]["pending"] == 2
+    result = CliRunner().invoke(app, ["status", str(tmp_path), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["stages"]["tile"]["failed"] == 1
+    result = CliRunner().invoke(app, ["status", str(tmp_path)])
+    assert "slide vanished" in result.stdout

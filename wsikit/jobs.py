@@ -434,3 +434,47 @@ def run_batch(
         if on_end:
             on_end(entry, status)
     return summary
+
+
+# -- job overview --------------------------------------------------------------------------------------
+def job_status(job_dir: str | os.PathLike, slide_ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """Per stage: counts of done / failed / running / pending slides and the failures' one-line errors.
+
+    ``pending`` counts the given ``slide_ids`` (or every slide any stage knows) with no record and no
+    live lock for that stage.
+    """
+    job = Path(job_dir)
+    stages = sorted(
+        {p.name for p in (job / "status").iterdir() if p.is_dir()} if (job / "status").is_dir() else set()
+    )
+    known = set(slide_ids or [])
+    records: dict[str, dict[str, Status]] = {}
+    for stage in stages:
+        records[stage] = {}
+        for path in sorted((job / "status" / stage).glob("*.json")):
+            status = read_status(job, stage, path.stem)
+            if status is not None:
+                records[stage][status.slide_id] = status
+        known |= set(records[stage])
+    report: dict[str, Any] = {"job_dir": str(job), "slides": len(known), "stages": {}}
+    for stage in stages:
+        running = (
+            {
+                p.stem
+                for p in (job / "locks" / stage).glob("*.lock")
+                if not _lock_is_stale(p, STALE_LOCK_SECONDS)
+            }
+            if (job / "locks" / stage).is_dir()
+            else set()
+        )
+        done = [s for s in records[stage].values() if s.state == "done"]
+        failed = [s for s in records[stage].values() if s.state == "failed"]
+        report["stages"][stage] = {
+            "done": len(done),
+            "failed": len(failed),
+            "running": len(running - {s.slide_id for s in done}),
+            "pending": len(known - set(records[stage]) - running),
+            "warnings": {s.slide_id: s.warnings for s in done if s.warnings},
+            "failures": {s.slide_id: s.error for s in failed},
+        }
+    return report
