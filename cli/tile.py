@@ -1,0 +1,122 @@
+"""`wsikit tile`: tissue masks and aligned multi-magnification tile coordinates for many slides."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import typer
+
+from wsikit.cli.common import console, exit_for, fail, my_slides, print_summary, with_progress
+from wsikit.jobs import JobError, Status, resolve_slides
+from wsikit.tile_stage import TileConfig, run_tiling
+from wsikit.tiling import TileSpec, TilingError, parse_spec
+from wsikit.tissue import MaskError, MaskParams
+
+
+def _tiles(status: Status) -> str:
+    return " / ".join(str(n) for n in status.info.get("tiles", {}).values())
+
+
+def tile(
+    slides: list[str] = typer.Argument(
+        ...,
+        help="Slide files, folders, globs, or a CSV/TSV list (path, optional slide_id, mpp, patient_id, label).",
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Job directory (shared by the later stages)."),
+    mpp: float | None = typer.Option(None, "--mpp", help="Target resolution in µm/px (default 0.5)."),
+    mag: float | None = typer.Option(
+        None, "--mag", help="Target magnification; converted by mpp = 10 / mag."
+    ),
+    tile_size: int = typer.Option(256, "--tile-size", help="Tile side in pixels at the target resolution."),
+    overlap: int = typer.Option(0, "--overlap", help="Overlap in pixels at the target resolution."),
+    spec: list[str] = typer.Option(
+        [],
+        "--spec",
+        help="More aligned grids: RES, RES/SIZE or RES/SIZE/OVERLAP, e.g. 10x or 1.0/256/0 (repeat; size/overlap default "
+        "to --tile-size/--overlap).",
+    ),
+    min_tissue: float = typer.Option(
+        0.5, "--min-tissue", help="Keep tiles whose tissue area fraction is ≥ this."
+    ),
+    slide_mpp: float | None = typer.Option(
+        None,
+        "--slide-mpp",
+        help="Resolution (µm/px) of slides whose file has none (a list's mpp column wins).",
+    ),
+    masks: Path | None = typer.Option(
+        None,
+        "--masks",
+        help="Folder of edited GeoJSON masks (<slide_id>.geojson) used instead of computed ones.",
+    ),
+    mask_mpp: float = typer.Option(8.0, "--mask-mpp", help="Working resolution of the tissue mask (µm/px)."),
+    mask_channel: str = typer.Option("saturation", "--mask-channel", help="saturation | darkness | both"),
+    pen: bool = typer.Option(True, "--pen/--no-pen", help="Exclude red/green/blue marker ink."),
+    min_object: float = typer.Option(20_000.0, "--min-object-um2", help="Drop tissue pieces smaller (µm²)."),
+    max_hole: float = typer.Option(20_000.0, "--max-hole-um2", help="Fill holes smaller (µm²)."),
+    align: bool = typer.Option(
+        True, "--align/--no-align", help="Nest coarser grids so each fine tile has a parent."
+    ),
+    complete_parents: bool = typer.Option(
+        True,
+        "--complete-parents/--no-complete-parents",
+        help="Keep every coarse tile that is a kept tile's parent.",
+    ),
+    save_tiles: bool = typer.Option(False, "--save-tiles", help="Also write tile images (patch datasets)."),
+    tile_format: str = typer.Option("png", "--tile-format", help="png | jpg (with --save-tiles)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides already done."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry slides that failed before."),
+    shard: str | None = typer.Option(
+        None, "--shard", help="i/n: this process's share (default: from SLURM/SGE/LSF/PBS array variables)."
+    ),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Search folders recursively."),
+    id_from: str = typer.Option("stem", "--id-from", help="stem | relpath: how slide ids are derived."),
+    backend: str = typer.Option("auto", "--backend", help="auto | openslide | tiffslide"),
+) -> None:
+    """Tissue masks (GeoJSON, QC picture) and tile coordinates per spec, resumable and shardable."""
+    if mpp is not None and mag is not None:
+        raise fail("give --mpp or --mag, not both")
+    try:
+        base = TileSpec.from_mag(mag, tile_size, overlap) if mag else TileSpec(mpp or 0.5, tile_size, overlap)
+        specs = [base, *(parse_spec(s, tile_size, overlap) for s in spec)]
+        cfg = TileConfig(
+            tuple(specs),
+            min_tissue=min_tissue,
+            mask=MaskParams(
+                mpp=mask_mpp,
+                channel=mask_channel,
+                exclude_pen=pen,
+                min_object_um2=min_object,
+                max_hole_um2=max_hole,
+            ),
+            align=align,
+            complete_parents=complete_parents,
+            geojson_dir=masks,
+            save_tiles=save_tiles,
+            tile_format=tile_format,
+            backend=backend,
+        )
+        entries = resolve_slides(slides, recursive=recursive, id_from=id_from)
+    except (TilingError, MaskError, JobError) as exc:
+        raise fail(str(exc)) from exc
+    if masks is not None and not masks.is_dir():
+        raise fail(f"{masks}: no such folder of GeoJSON masks")
+    if not entries:
+        raise fail(f"no slides found in {' '.join(slides)}")
+    if slide_mpp is not None:
+        entries = [e if e.mpp is not None else dataclasses.replace(e, mpp=slide_mpp) for e in entries]
+    mine = my_slides(entries, shard)
+    console.print(f"tiling {len(mine)} slide(s) into {out}: {', '.join(s.name for s in cfg.specs)}")
+    summary = with_progress(
+        "tile", mine, run_tiling, job_dir=out, cfg=cfg, overwrite=overwrite, retry_failed=retry_failed
+    )
+    print_summary(
+        f"wsikit tile → {out}",
+        summary,
+        {
+            "tiles per spec": _tiles,
+            "tissue %": lambda s: f"{100 * s.info.get('tissue_fraction', 0):.1f}",
+            "mask": lambda s: "computed" if s.info.get("mask_source") == "computed" else "GeoJSON",
+        },
+    )
+    exit_for(summary)
