@@ -1,0 +1,104 @@
+"""`wsikit run` (the chained pipeline from a config), `wsikit config show`, `wsikit slurm`."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import typer
+import yaml
+
+from wsikit.cli.common import console, fail, my_slides, out, print_summary, with_progress
+from wsikit.config import ConfigError, to_plain
+from wsikit.jobs import JobError, resolve_slides
+from wsikit.pipeline import load_pipeline_config, run_pipeline
+from wsikit.schedulers import SCHEDULERS, ArrayJob, absolute_slides, write_script
+
+config_app = typer.Typer(help="Inspect pipeline configs.", no_args_is_help=True)
+
+
+def _load(config: Path | None, slide_mpp: float | None = None):
+    try:
+        return load_pipeline_config(config, {"slide_mpp": slide_mpp})
+    except ConfigError as exc:
+        raise fail(str(exc)) from exc
+
+
+@config_app.command("show")
+def config_show(config: Path = typer.Argument(..., help="A YAML pipeline config (see configs/).")) -> None:
+    """Print the resolved config: every setting, defaults filled in, after validation."""
+    out.print(yaml.safe_dump(to_plain(_load(config)), sort_keys=False), highlight=False)
+
+
+def run(
+    config: Path = typer.Argument(..., help="A YAML pipeline config (see configs/)."),
+    slides: list[str] = typer.Argument(..., help="Slide files, folders, globs or a CSV/TSV slide list."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Job directory."),
+    slide_mpp: float | None = typer.Option(None, "--slide-mpp", help="MPP for slides whose file has none."),
+    shard: str | None = typer.Option(
+        None, "--shard", help="i/n (default: from the scheduler's array variables)."
+    ),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Search folders recursively."),
+    id_from: str = typer.Option("stem", "--id-from", help="stem | relpath"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides already done."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry slides that failed before."),
+) -> None:
+    """Tile → extract (→ heatmap) slide by slide, so the first bags appear early; resumable, shardable."""
+    cfg = _load(config, slide_mpp)
+    try:
+        entries = my_slides(resolve_slides(slides, recursive, id_from), shard)
+    except JobError as exc:
+        raise fail(str(exc)) from exc
+    summary = with_progress(
+        "run", entries, lambda e, **kw: run_pipeline(e, out_dir, cfg, overwrite, retry_failed, **kw)
+    )
+    for stage, part in summary.stages.items():
+        print_summary(stage, part, {"outputs": lambda s: str(len(s.outputs))})
+    console.print(f"job directory: {out_dir}  (wsikit status {out_dir})")
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def slurm(
+    config: Path = typer.Argument(..., help="A YAML pipeline config."),
+    slides: list[str] = typer.Argument(..., help="Slide files, folders, globs or a CSV/TSV slide list."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Job directory (shared by all tasks)."),
+    tasks: int = typer.Option(4, "--tasks", "-n", help="Array size: one shard of the slides per task."),
+    cpus: int = typer.Option(4, "--cpus", help="CPUs per task."),
+    mem: str = typer.Option("16G", "--mem", help="Memory per task."),
+    gpus: int = typer.Option(0, "--gpus", help="GPUs per task."),
+    time: str = typer.Option("04:00:00", "--time", help="Wall-time limit per task."),
+    partition: str | None = typer.Option(None, "--partition", help="Partition / queue."),
+    scheduler: str = typer.Option("slurm", "--scheduler", help=f"{' | '.join(SCHEDULERS)}"),
+    script: Path | None = typer.Option(
+        None, "--script", help="Where to write it (default <out>/wsikit-array.sh)."
+    ),
+    submit: bool = typer.Option(False, "--submit", help="Submit it with sbatch and print the job id."),
+) -> None:
+    """Write a ready job-array script (one shard per task, each running `wsikit run`), and optionally submit it."""
+    _load(config)  # refuse a bad config before anything is queued
+    job = ArrayJob(
+        config.absolute(),
+        absolute_slides(slides),
+        out_dir.absolute(),
+        tasks,
+        cpus,
+        mem,
+        gpus,
+        time,
+        partition,
+    )
+    try:
+        path = write_script(job, script or out_dir / "wsikit-array.sh", scheduler)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    out.print(f"wrote {path} ({scheduler}, {tasks} tasks × {cpus} CPUs, {mem}, {gpus} GPU, {time})")
+    if submit:
+        if scheduler != "slurm":
+            raise fail("--submit supports SLURM; submit other schedulers' scripts with their own command")
+        result = subprocess.run(
+            ["sbatch", "--parsable", str(path)], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise fail(f"sbatch failed: {result.stderr.strip() or result.stdout.strip()}")
+        out.print(f"submitted array job {result.stdout.strip()}")

@@ -1,0 +1,170 @@
+"""`wsikit run`: configs, the chained pipeline, resume after SIGKILL, and concurrent processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from wsikit.bags import read_bag
+from wsikit.cli.main import app
+from wsikit.config import ConfigError
+from wsikit.jobs import read_status
+from wsikit.pipeline import load_pipeline_config
+from wsikit.pyramid import write_pyramid
+
+REPO = Path(__file__).resolve().parents[1]
+WSIKIT = [sys.executable, "-m", "wsikit.cli.main"]
+CONFIG = {
+    "tile": {"specs": ["1.0/128/0", "2.0/128/0"], "min_tissue": 0.25},
+    "extract": {"encoder": "efficientnet-lite0", "batch_size": 4, "workers": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def small_slides(tmp_path_factory, sample_rgb) -> list[Path]:
+    """Four small real-tissue pyramids (different crops of the bundled slide)."""
+    root = tmp_path_factory.mktemp("slides")
+    crops = [(600, 0), (600, 800), (600, 1600), (800, 1900)]
+    return [
+        write_pyramid(root / f"s{i}.svs", sample_rgb[y : y + 1024, x : x + 1024], 0.499, n_levels=2)
+        for i, (x, y) in enumerate(crops)
+    ]
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    return path
+
+
+def test_shipped_configs_validate():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        if yaml.safe_load(path.read_text()).get("tile"):
+            cfg = load_pipeline_config(path)
+            assert cfg.tile.specs
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"tile": {"specs": ["20x"]}, "extrct": {}}, r"unknown section\(s\) extrct; allowed: .*extract"),
+        (
+            {"tile": {"specs": ["20x"], "mask": {"mpp": 8, "otsu": 1}}},
+            r"tile\.mask: unknown key\(s\) otsu; allowed: method",
+        ),
+        ({"tile": {"specs": [{"mpp": "fine"}]}}, r"tile\.specs\[0\]\.mpp: Input should be a valid number"),
+        ({"tile": {"specs": ["20y/256"]}}, r"tile\.specs\[0\]: tile spec '20y/256'"),
+        ({"tile": {"specs": ["20x"]}, "extract": {"batch_size": "many"}}, r"extract\.batch_size"),
+        ({"extract": {}}, "needs a 'tile' section"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, data, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=match):
+        load_pipeline_config(path)
+
+
+def test_bad_yaml_and_cli_config_show(tmp_path, config_file):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("tile:\n  specs: [20x\n")
+    with pytest.raises(ConfigError, match="invalid YAML at line"):
+        load_pipeline_config(bad)
+    result = CliRunner().invoke(app, ["config", "show", str(config_file)])
+    assert (
+        result.exit_code == 0
+        and "efficientnet-lite0" in result.stdout
+        and "min_tissue: 0.25" in result.stdout
+    )
+
+
+def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run(WSIKIT + args, capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+def _bags(job: Path) -> dict[str, np.ndarray]:
+    return {p.relative_to(job).as_posix(): read_bag(p).features for p in sorted((job / "bags").rglob("*.h5"))}
+
+
+@pytest.fixture(scope="module")
+def reference_job(tmp_path_factory, small_slides, config_file) -> Path:
+    """An uninterrupted run over the four slides."""
+    job = tmp_path_factory.mktemp("ref")
+    result = _run(["run", str(config_file), *map(str, small_slides), "--out", str(job)])
+    assert result.returncode == 0, result.stderr
+    return job
+
+
+def test_run_writes_every_stage_and_resumes(reference_job, small_slides, config_file):
+    for s in small_slides:
+        assert read_status(reference_job, "tile", s.stem).state == "done"
+        assert read_status(reference_job, "extract-efficientnet-lite0", s.stem).state == "done"
+    bags = _bags(reference_job)
+    assert len(bags) == 4 * 3  # two specs and their multi-scale join
+    assert list((reference_job / "configs").glob("run-*.yaml"))
+    again = _run(["run", str(config_file), *map(str, small_slides), "--out", str(reference_job)])
+    assert again.returncode == 0 and "4 skipped" in again.stderr
+
+
+def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(
+    tmp_path, reference_job, small_slides, config_file
+):
+    job = tmp_path / "job"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*WSIKIT, "run", str(config_file), *map(str, small_slides), "--out", str(job)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    lock_dir = job / "locks" / "extract-efficientnet-lite0"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (lock_dir.is_dir() and any(lock_dir.glob("*.lock"))):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before extraction started"
+    killed_slide = next(lock_dir.glob("*.lock")).stem
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    status = read_status(job, "extract-efficientnet-lite0", killed_slide)
+    assert status is None or status.state != "done"  # nothing partial counted as done
+    assert not any(p.stem == killed_slide for p in (job / "bags").rglob("*.h5") if not p.name.startswith("."))
+    result = _run(["run", str(config_file), *map(str, small_slides), "--out", str(job)])
+    assert result.returncode == 0, result.stderr
+    ref, got = _bags(reference_job), _bags(job)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert np.array_equal(ref[key], got[key]), key
+
+
+def test_two_concurrent_processes_do_each_slide_once(tmp_path, small_slides, config_file):
+    job = tmp_path / "job"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    cmd = [*WSIKIT, "run", str(config_file), *map(str, small_slides), "--out", str(job)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    for s in small_slides:
+        assert read_status(job, "extract-efficientnet-lite0", s.stem).state == "done"
+        # its tile row and its extract row are "done" in exactly one process's summary tables
+        rows = [len(re.findall(rf"│ {s.stem}\s+│ done", out)) for out, _ in outputs]
+        assert sorted(rows) == [0, 2], (s.stem, rows)
+    report = json.loads(_run(["status", str(job), "--json"]).stdout)
+    assert (
+        report["stages"]["tile"]["done"] == 4 and report["stages"]["extract-efficientnet-lite0"]["done"] == 4
+    )

@@ -1,0 +1,114 @@
+"""Validated YAML configs: any settings dataclass is built from a mapping, unknown keys refused by name.
+
+The settings classes are the stages' own dataclasses (``TileConfig``, ``ExtractConfig`` …), so a config
+file and a Python call can never drift apart; this module only reads YAML, rejects unknown keys listing
+the allowed ones, checks types with pydantic and turns errors into one line naming the file and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or value is wrong; the message names the file, the key and the fix."""
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file, bad YAML or a non-mapping gives one clear line."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text; save it as UTF-8") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``override`` onto ``base`` (command-line values over the file's); None means unset."""
+    out = dict(base)
+    for key, value in override.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    """The dataclass a field type refers to (directly, optionally, or as tuple/list items), if any."""
+    if dataclasses.is_dataclass(tp):
+        return tp  # type: ignore[return-value]
+    for arg in typing.get_args(tp):
+        found = _dataclass_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_keys(cls: type, data: Any, where: str) -> None:
+    if not isinstance(data, dict):
+        return
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
+    for name, value in data.items():
+        inner = _dataclass_of(hints.get(name))
+        if inner is None:
+            continue
+        items = value if isinstance(value, list | tuple) else [value]
+        for i, item in enumerate(items):
+            suffix = f"[{i}]" if isinstance(value, list | tuple) else ""
+            _check_keys(inner, item, f"{where}.{name}{suffix}")
+
+
+def build(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
+    """Build the settings dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    data = data or {}
+    _check_keys(cls, data, where)
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        if err["type"] == "value_error":  # the dataclass's own check: its message says it all
+            raise ConfigError(f"{where}{loc}: {err['msg'].removeprefix('Value error, ')}") from exc
+        raise ConfigError(f"{where}{loc}: {err['msg']} (got {err.get('input')!r})") from exc
+    except ValueError as exc:  # the dataclass's own checks (__post_init__)
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def to_plain(obj: Any) -> Any:
+    """A settings object as plain YAML/JSON-able data (paths as strings, tuples as lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
