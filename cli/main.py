@@ -10,7 +10,7 @@ from rich.table import Table
 
 from wsikit import __version__
 from wsikit.cli import batch
-from wsikit.cli.common import fail, out
+from wsikit.cli.common import console, fail, out
 from wsikit.slide import SlideError, open_slide, slide_facts
 
 app = typer.Typer(
@@ -90,21 +90,63 @@ def info(
 
 
 @app.command()
-def demo(out_dir: Path = typer.Option(Path("demo_out"), "--out", help="Where to write the results.")) -> None:
+def demo(
+    out_dir: Path = typer.Option(Path("demo_out"), "--out", help="Where to write the results."),
+    labelled: bool = typer.Option(
+        True, "--labelled/--no-labelled", help="Also run the PneumoniaMNIST example."
+    ),
+) -> None:
     """Run the pipeline on the bundled real slide (CMU-1-Small-Region.svs) and say what was written."""
     from wsikit.demo import run_demo
 
-    result = run_demo(out_dir)
+    result = run_demo(out_dir, labelled=labelled, say=lambda text: console.print(f"[cyan]·[/] {text}"))
     f = result.facts
     out.print(
         f"[bold]{f['slide_id']}[/]: {f['dimensions'][0]}×{f['dimensions'][1]} px, {f['level_count']} level(s), "
         f"MPP {f['mpp'][0]:g} µm/px ({f['mpp_source']}), {f['magnification']:g}x, vendor {f['vendor']}"
     )
+    for name, value in result.numbers.items():
+        out.print(f"  {name:<28} {value}")
+    out.print("[bold]written:[/]")
     for name, path in result.written.items():
-        out.print(f"  {name:<12} {path}")
+        out.print(f"  {name:<28} {path}")
 
 
 app.command()(batch.status)
+
+from wsikit.cli.tile import tile as tile_cmd  # noqa: E402
+
+app.command("tile")(tile_cmd)
+
+from wsikit.cli.heatmap import heatmap as heatmap_cmd  # noqa: E402
+from wsikit.cli.train import evaluate as evaluate_cmd  # noqa: E402
+from wsikit.cli.train import train as train_cmd  # noqa: E402
+
+app.command("train")(train_cmd)
+app.command("evaluate")(evaluate_cmd)
+app.command("heatmap")(heatmap_cmd)
+
+from wsikit.cli.detect import app as detect_app  # noqa: E402
+from wsikit.cli.patches import app as patches_app  # noqa: E402
+
+app.add_typer(patches_app, name="patches")
+app.add_typer(detect_app, name="detect")
+
+from wsikit.cli.stain import app as stain_app  # noqa: E402
+
+app.add_typer(stain_app, name="stain")
+
+from wsikit.cli.bags import app as bags_app  # noqa: E402
+from wsikit.cli.extract import extract as extract_cmd  # noqa: E402
+
+app.command("extract")(extract_cmd)
+app.add_typer(bags_app, name="bags")
+
+from wsikit.cli import run as run_cli  # noqa: E402
+
+app.command("run")(run_cli.run)
+app.command("slurm")(run_cli.slurm)
+app.add_typer(run_cli.config_app, name="config")
 
 
 def main() -> None:

@@ -72,6 +72,12 @@ def tile(
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Search folders recursively."),
     id_from: str = typer.Option("stem", "--id-from", help="stem | relpath: how slide ids are derived."),
     backend: str = typer.Option("auto", "--backend", help="auto | openslide | tiffslide"),
+    align_native: bool = typer.Option(
+        False,
+        "--align-native",
+        help="Per slide, snap each spec to the file's own tiles at the matching level (tile side, no "
+        "overlap) so `wsikit extract --reader native` reads compressed tiles without resampling.",
+    ),
 ) -> None:
     """Tissue masks (GeoJSON, QC picture) and tile coordinates per spec, resumable and shardable."""
     if mpp is not None and mag is not None:
@@ -95,6 +101,7 @@ def tile(
             save_tiles=save_tiles,
             tile_format=tile_format,
             backend=backend,
+            align_native=align_native,
         )
         entries = resolve_slides(slides, recursive=recursive, id_from=id_from)
     except (TilingError, MaskError, JobError) as exc:

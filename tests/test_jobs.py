@@ -66,7 +66,10 @@ def test_duplicate_ids_are_refused_with_a_way_out(tmp_path):
         (tmp_path / d / "s.svs").write_bytes(b"x")
     with pytest.raises(JobError, match=r"duplicate slide id 's'.*relpath"):
         resolve_slides([tmp_path], recursive=True)
-    assert [e.slide_id for e in resolve_slides([tmp_path], recursive=True, id_from="relpath")] == ["x__s", "y__s"]
+    assert [e.slide_id for e in resolve_slides([tmp_path], recursive=True, id_from="relpath")] == [
+        "x__s",
+        "y__s",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -173,9 +173,21 @@ def test_two_concurrent_processes_do_each_slide_once(tmp_path, small_slides, con
 def test_coarse_grid_without_tiles_still_joins(tmp_path, small_slides):
     """A coarse spec larger than the slide keeps no tile; the fine bag's context is then all missing (-1)."""
     config = tmp_path / "coarse.yaml"
-    config.write_text(yaml.safe_dump({**CONFIG, "tile": {"specs": ["2.0/128/0", "4.0/128/0"], "min_tissue": 0.25}}))
+    config.write_text(
+        yaml.safe_dump({**CONFIG, "tile": {"specs": ["2.0/128/0", "4.0/128/0"], "min_tissue": 0.25}})
+    )
     job = tmp_path / "job"
     result = _run(["run", str(config), str(small_slides[0]), "--out", str(job)])
     assert result.returncode == 0, result.stderr
     joined = read_bag(next((job / "bags").glob("mpp2.00_128px_0ov+mpp4.00_128px_0ov/*/s0.h5")))
     assert len(joined) > 0 and (joined.context_index["mpp4.00_128px_0ov"] == -1).all()
+
+
+def test_demo_pipeline_writes_its_pictures(tmp_path):
+    from wsikit.demo import run_demo
+
+    result = run_demo(tmp_path, labelled=False)
+    for name in ("thumbnail", "tissue QC", "tissue GeoJSON", "feature bag", "feature map"):
+        assert result.written[name].exists(), name
+    assert result.numbers["tiles"] > 20
+    assert result.facts["mpp"] == [0.499, 0.499]

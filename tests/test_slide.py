@@ -51,8 +51,13 @@ def test_backends_agree_on_pixels(pyramids, kind):
 
 
 def test_real_slide_backends_identical(sample_slide):
-    with open_slide(sample_slide, backend="openslide") as a, open_slide(sample_slide, backend="tiffslide") as b:
-        assert np.array_equal(a.read_region((700, 900), 0, (512, 384)), b.read_region((700, 900), 0, (512, 384)))
+    with (
+        open_slide(sample_slide, backend="openslide") as a,
+        open_slide(sample_slide, backend="tiffslide") as b,
+    ):
+        assert np.array_equal(
+            a.read_region((700, 900), 0, (512, 384)), b.read_region((700, 900), 0, (512, 384))
+        )
 
 
 def test_outside_the_slide_is_white(sample_slide):
@@ -65,7 +70,15 @@ def test_outside_the_slide_is_white(sample_slide):
 
 @pytest.mark.parametrize(
     ("mpp", "level", "scale"),
-    [(0.499, 0, 1.0), (0.5, 0, 1.0), (1.0, 1, 1.0), (2.0, 2, 1.0), (1.5, 1, 1.5), (4.0, 2, 2.0), (0.25, 0, 0.501)],
+    [
+        (0.499, 0, 1.0),
+        (0.5, 0, 1.0),
+        (1.0, 1, 1.0),
+        (2.0, 2, 1.0),
+        (1.5, 1, 1.5),
+        (4.0, 2, 2.0),
+        (0.25, 0, 0.501),
+    ],
 )
 def test_best_level_and_read_at_mpp_geometry(pyramids, mpp, level, scale):
     with open_slide(pyramids["svs"]) as slide:
@@ -117,7 +130,9 @@ def test_implausible_resolution_tag_is_ignored(tmp_path, sample_rgb):
     import tifffile
 
     path = tmp_path / "dpi72.tif"
-    tifffile.imwrite(path, sample_rgb[:512, :512], tile=(256, 256), resolution=(72, 72), resolutionunit="INCH")
+    tifffile.imwrite(
+        path, sample_rgb[:512, :512], tile=(256, 256), resolution=(72, 72), resolutionunit="INCH"
+    )
     with open_slide(path) as slide:
         assert not slide.has_mpp
 
@@ -166,7 +181,11 @@ def test_cli_info_table_and_json(sample_slide, tmp_path):
     result = runner.invoke(app, ["info", str(sample_slide), "--json"])
     assert result.exit_code == 0, result.output
     facts = json.loads(result.stdout)["slides"][0]
-    assert facts["mpp"] == [0.499, 0.499] and facts["objective_power"] == 20 and round(facts["magnification"]) == 20
+    assert (
+        facts["mpp"] == [0.499, 0.499]
+        and facts["objective_power"] == 20
+        and round(facts["magnification"]) == 20
+    )
     result = runner.invoke(app, ["info", str(sample_slide)])
     assert result.exit_code == 0 and "0.499" in result.stdout and "20x" in result.stdout
     bad = tmp_path / "bad.svs"

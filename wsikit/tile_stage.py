@@ -28,8 +28,8 @@ from wsikit.tiling import (
     TilingError,
     aligned_layouts,
     grid_path,
+    list_specs,
     order_specs,
-    read_tile,
     tile_slide,
     write_grid,
 )
@@ -51,6 +51,7 @@ class TileConfig:
     save_tiles: bool = False  # also write tile images: <job>/patches/<spec>/<slide_id>/
     tile_format: str = "png"  # png | jpg
     backend: str = "auto"
+    align_native: bool = False  # per slide, snap specs to the file's own tiles (wsikit.native)
 
     def __post_init__(self) -> None:
         if not self.specs:
@@ -73,6 +74,8 @@ class TileConfig:
             "geojson_dir": str(self.geojson_dir) if self.geojson_dir else None,
             "save_tiles": self.save_tiles and self.tile_format,
         }
+        if self.align_native:  # only when set, so earlier jobs keep their fingerprint
+            settings["align_native"] = True
         return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -83,10 +86,13 @@ def save_tile_images(
     from concurrent.futures import ThreadPoolExecutor
 
     from wsikit.jobs import allotted_cpus
+    from wsikit.native import TileSource
+
+    source = TileSource(slide, grid.coords, grid.size_level0, grid.spec.size)  # same pixels as read_tile
 
     def one(i: int, folder: Path) -> None:
         x, y = (int(v) for v in grid.coords[i])
-        rgb = read_tile(slide, (x, y), grid.size_level0, grid.spec.size)
+        rgb = source.read(i)
         ok, data = cv2.imencode(f".{fmt}", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         if not ok:
             raise TilingError(f"{slide.path}: could not encode tile ({x}, {y}) as {fmt}")
@@ -96,6 +102,7 @@ def save_tile_images(
         tmp.mkdir()
         with ThreadPoolExecutor(workers or allotted_cpus()) as pool:
             list(pool.map(lambda i: one(i, tmp), range(len(grid))))
+    source.close()
     return dest
 
 
@@ -163,6 +170,12 @@ def tile_one(entry: SlideEntry, job_dir: str | os.PathLike, cfg: TileConfig) -> 
         for spec in cfg.specs:
             if spec.mpp < mpp0 and not same_mpp(spec.mpp, mpp0):
                 warnings.append(f"{spec.name} is finer than the slide ({mpp0:g} µm/px): tiles are upsampled")
+        specs = list(cfg.specs)
+        if cfg.align_native:
+            from wsikit.native import align_specs_to_native
+
+            specs, notes = align_specs_to_native(slide, specs)
+            warnings.extend(notes)
         thumb = slide.thumbnail(mpp=cfg.mask.mpp)
         seconds["thumbnail"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -181,7 +194,7 @@ def tile_one(entry: SlideEntry, job_dir: str | os.PathLike, cfg: TileConfig) -> 
                 "check the QC picture, try --mask-channel both or supply an edited GeoJSON (--masks DIR)"
             )
         t = time.perf_counter()
-        grids = tile_slide(slide, list(cfg.specs), mask, cfg.min_tissue, cfg.align, cfg.complete_parents)
+        grids = tile_slide(slide, specs, mask, cfg.min_tissue, cfg.align, cfg.complete_parents)
         seconds["grid"] = time.perf_counter() - t
         t = time.perf_counter()
         outputs = []
@@ -266,6 +279,6 @@ def run_tiling(
         for name in ("done", "failed", "skipped", "busy"):
             getattr(summary, name).extend(getattr(part, name))
     if cfg.save_tiles:
-        for spec in cfg.specs:
-            write_patch_manifest(job_dir, spec.name)
+        for name in list_specs(job_dir):  # with --align-native a slide's spec names may differ
+            write_patch_manifest(job_dir, name)
     return summary
