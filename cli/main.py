@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from wsikit import __version__
-from wsikit.cli import batch
+from wsikit.cli import bags, batch, detect, extract, heatmap, patches, run, stain, tile, train
 from wsikit.cli.common import console, fail, out
 from wsikit.slide import SlideError, open_slide, slide_facts
 
@@ -37,7 +37,6 @@ def _root(
     """wsikit: whole-slide pathology pipelines that are correct, fast and resumable."""
 
 
-@app.command()
 def info(
     slides: list[Path] = typer.Argument(..., help="Slide files."),
     mpp: float | None = typer.Option(None, help="Override the slides' resolution (µm/px)."),
@@ -89,7 +88,6 @@ def info(
         raise typer.Exit(1)
 
 
-@app.command()
 def demo(
     out_dir: Path = typer.Option(Path("demo_out"), "--out", help="Where to write the results."),
     labelled: bool = typer.Option(
@@ -112,41 +110,22 @@ def demo(
         out.print(f"  {name:<28} {path}")
 
 
+# Registered in pipeline order, which is the order `wsikit --help` lists them.
+app.command()(info)
+app.command("tile")(tile.tile)
+app.add_typer(stain.app, name="stain")
+app.command("extract")(extract.extract)
+app.command("train")(train.train)
+app.command("evaluate")(train.evaluate)
+app.command("heatmap")(heatmap.heatmap)
+app.command("run")(run.run)
+app.command("slurm")(run.slurm)
 app.command()(batch.status)
-
-from wsikit.cli.tile import tile as tile_cmd  # noqa: E402
-
-app.command("tile")(tile_cmd)
-
-from wsikit.cli.heatmap import heatmap as heatmap_cmd  # noqa: E402
-from wsikit.cli.train import evaluate as evaluate_cmd  # noqa: E402
-from wsikit.cli.train import train as train_cmd  # noqa: E402
-
-app.command("train")(train_cmd)
-app.command("evaluate")(evaluate_cmd)
-app.command("heatmap")(heatmap_cmd)
-
-from wsikit.cli.detect import app as detect_app  # noqa: E402
-from wsikit.cli.patches import app as patches_app  # noqa: E402
-
-app.add_typer(patches_app, name="patches")
-app.add_typer(detect_app, name="detect")
-
-from wsikit.cli.stain import app as stain_app  # noqa: E402
-
-app.add_typer(stain_app, name="stain")
-
-from wsikit.cli.bags import app as bags_app  # noqa: E402
-from wsikit.cli.extract import extract as extract_cmd  # noqa: E402
-
-app.command("extract")(extract_cmd)
-app.add_typer(bags_app, name="bags")
-
-from wsikit.cli import run as run_cli  # noqa: E402
-
-app.command("run")(run_cli.run)
-app.command("slurm")(run_cli.slurm)
-app.add_typer(run_cli.config_app, name="config")
+app.add_typer(run.config_app, name="config")
+app.add_typer(bags.app, name="bags")
+app.add_typer(patches.app, name="patches")
+app.add_typer(detect.app, name="detect")
+app.command()(demo)
 
 
 def main() -> None:
