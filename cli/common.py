@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from wsikit.config import ConfigError, build, load_yaml
 from wsikit.jobs import BatchSummary, JobError, SlideEntry, Status, parse_shard, scheduler_shard, select_shard
 
+T = TypeVar("T")
 console = Console(stderr=True)
 out = Console()
 
@@ -86,3 +90,36 @@ def exit_for(summary: BatchSummary) -> None:
     """Exit non-zero when any slide failed."""
     if not summary.ok:
         raise typer.Exit(1)
+
+
+def layered_settings(
+    ctx: typer.Context, config: Path | None, section: str, options: dict[str, tuple[tuple[str, ...], Any]]
+) -> dict[str, Any]:
+    """A stage's settings: the config file's ``section`` with the options given on the command line over it.
+
+    ``options`` maps a dotted settings key (``mask.mpp``) to the command's option names that set it and
+    the value they give. Without a config file every option's value (defaults included) is used.
+    """
+    try:
+        data = (load_yaml(config).get(section) or {}) if config else {}
+    except ConfigError as exc:
+        raise fail(str(exc)) from exc
+    if not isinstance(data, dict):
+        raise fail(f"{config}: section '{section}' must be a mapping of settings")
+    for key, (names, value) in options.items():
+        given = any(getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE" for n in names)
+        if config is None or given:
+            *parents, leaf = key.split(".")
+            node = data
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+    return data
+
+
+def build_settings(cls: type[T], data: dict[str, Any], config: Path | None, section: str) -> T:
+    """Validate layered settings into the stage's dataclass, or exit with the one-line error."""
+    try:
+        return build(cls, data, f"{config}:{section}" if config else section)
+    except ConfigError as exc:
+        raise fail(str(exc)) from exc

@@ -8,7 +8,15 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from wsikit.cli.common import console, exit_for, fail, my_slides, print_summary
+from wsikit.cli.common import (
+    build_settings,
+    console,
+    exit_for,
+    fail,
+    layered_settings,
+    my_slides,
+    print_summary,
+)
 from wsikit.encoders import EncoderError, list_encoders
 from wsikit.extract import ExtractConfig, ExtractError, Extractor, job_slides, resolve_specs
 from wsikit.jobs import JobError, Status
@@ -20,7 +28,11 @@ def _spec_names(texts: list[str]) -> tuple[str, ...]:
 
 
 def extract(
+    ctx: typer.Context,
     job_dir: Path = typer.Argument(..., help="Job directory written by `wsikit tile`."),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML config whose 'extract' section sets defaults; options given here win."
+    ),
     encoder: str = typer.Option(
         "resnet50-trunc", "--encoder", "-e", help=f"{' | '.join(list_encoders())} | timm:<model>"
     ),
@@ -64,22 +76,25 @@ def extract(
 ) -> None:
     """Encode every tile of a tiled job into one feature bag per slide and spec."""
     try:
-        cfg = ExtractConfig(
-            encoder=encoder,
-            weights=weights,
-            pretrained=not random_weights,
-            specs=_spec_names(spec),
-            batch_size=batch_size,
-            workers=workers,
-            device=device,
-            precision=precision,
-            fmt=fmt,
-            fp16_features=fp16_features,
-            compression=compression,
-            stain=stain,
-            multiscale=multiscale,
-            compile=compile_model,
-            backend=backend,
+        options = {
+            "encoder": (("encoder",), encoder),
+            "weights": (("weights",), weights),
+            "pretrained": (("random_weights",), not random_weights),
+            "specs": (("spec",), list(_spec_names(spec))),
+            "batch_size": (("batch_size",), batch_size),
+            "workers": (("workers",), workers),
+            "device": (("device",), device),
+            "precision": (("precision",), precision),
+            "fmt": (("fmt",), fmt),
+            "fp16_features": (("fp16_features",), fp16_features),
+            "compression": (("compression",), compression),
+            "stain": (("stain",), stain),
+            "multiscale": (("multiscale",), multiscale),
+            "compile": (("compile_model",), compile_model),
+            "backend": (("backend",), backend),
+        }
+        cfg = build_settings(
+            ExtractConfig, layered_settings(ctx, config, "extract", options), config, "extract"
         )
         specs = resolve_specs(job_dir, cfg.specs)
         entries = job_slides(job_dir, specs)
@@ -92,7 +107,7 @@ def extract(
     rt = extractor.runtime
     console.print(
         f"{rt.encoder.name} ({rt.encoder.dim}-d, weights {rt.encoder.weights_id[:23]}) on {rt.device}, "
-        f"{rt.describe()['autocast']}, {extractor.workers} reader(s), batch {batch_size}: "
+        f"{rt.describe()['autocast']}, {extractor.workers} reader(s), batch {cfg.batch_size}: "
         f"{len(mine)} slide(s) × {', '.join(specs)}"
     )
     columns = (

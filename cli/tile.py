@@ -7,11 +7,21 @@ from pathlib import Path
 
 import typer
 
-from wsikit.cli.common import console, exit_for, fail, my_slides, print_summary, with_progress
+from wsikit.cli.common import (
+    build_settings,
+    console,
+    exit_for,
+    fail,
+    layered_settings,
+    my_slides,
+    print_summary,
+    with_progress,
+)
 from wsikit.jobs import JobError, Status, resolve_slides
+from wsikit.pipeline import expand_specs
 from wsikit.tile_stage import TileConfig, run_tiling
 from wsikit.tiling import TileSpec, TilingError, parse_spec
-from wsikit.tissue import MaskError, MaskParams
+from wsikit.tissue import MaskError
 
 
 def _tiles(status: Status) -> str:
@@ -19,11 +29,15 @@ def _tiles(status: Status) -> str:
 
 
 def tile(
+    ctx: typer.Context,
     slides: list[str] = typer.Argument(
         ...,
         help="Slide files, folders, globs, or a CSV/TSV list (path, optional slide_id, mpp, patient_id, label).",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Job directory (shared by the later stages)."),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML config whose 'tile' section sets defaults; options given here win."
+    ),
     mpp: float | None = typer.Option(None, "--mpp", help="Target resolution in µm/px (default 0.5)."),
     mag: float | None = typer.Option(
         None, "--mag", help="Target magnification; converted by mpp = 10 / mag."
@@ -85,24 +99,32 @@ def tile(
     try:
         base = TileSpec.from_mag(mag, tile_size, overlap) if mag else TileSpec(mpp or 0.5, tile_size, overlap)
         specs = [base, *(parse_spec(s, tile_size, overlap) for s in spec)]
-        cfg = TileConfig(
-            tuple(specs),
-            min_tissue=min_tissue,
-            mask=MaskParams(
-                mpp=mask_mpp,
-                channel=mask_channel,
-                exclude_pen=pen,
-                min_object_um2=min_object,
-                max_hole_um2=max_hole,
-            ),
-            align=align,
-            complete_parents=complete_parents,
-            geojson_dir=masks,
-            save_tiles=save_tiles,
-            tile_format=tile_format,
-            backend=backend,
-            align_native=align_native,
+        spec_options = ("mpp", "mag", "tile_size", "overlap", "spec")
+        data = layered_settings(
+            ctx,
+            config,
+            "tile",
+            {
+                "specs": (
+                    spec_options,
+                    [{"mpp": x.mpp, "size": x.size, "overlap": x.overlap} for x in specs],
+                ),
+                "min_tissue": (("min_tissue",), min_tissue),
+                "mask.mpp": (("mask_mpp",), mask_mpp),
+                "mask.channel": (("mask_channel",), mask_channel),
+                "mask.exclude_pen": (("pen",), pen),
+                "mask.min_object_um2": (("min_object",), min_object),
+                "mask.max_hole_um2": (("max_hole",), max_hole),
+                "align": (("align",), align),
+                "complete_parents": (("complete_parents",), complete_parents),
+                "geojson_dir": (("masks",), masks),
+                "save_tiles": (("save_tiles",), save_tiles),
+                "tile_format": (("tile_format",), tile_format),
+                "backend": (("backend",), backend),
+                "align_native": (("align_native",), align_native),
+            },
         )
+        cfg = build_settings(TileConfig, expand_specs(data, f"{config}:tile"), config, "tile")
         entries = resolve_slides(slides, recursive=recursive, id_from=id_from)
     except (TilingError, MaskError, JobError) as exc:
         raise fail(str(exc)) from exc

@@ -191,3 +191,41 @@ def test_demo_pipeline_writes_its_pictures(tmp_path):
         assert result.written[name].exists(), name
     assert result.numbers["tiles"] > 20
     assert result.facts["mpp"] == [0.499, 0.499]
+
+
+def test_tile_and_extract_take_config_with_command_line_overrides(tmp_path, small_slides):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "tile": {"specs": ["1.0/128/0"], "min_tissue": 0.9, "mask": {"mpp": 16.0}},
+                "extract": {
+                    "encoder": "efficientnet-lite0",
+                    "batch_size": 2,
+                    "workers": 0,
+                    "multiscale": False,
+                },
+            }
+        )
+    )
+    job = tmp_path / "job"
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["tile", str(small_slides[1]), "--out", str(job), "--config", str(config), "--min-tissue", "0.25"],
+    )
+    assert result.exit_code == 0, result.output
+    from wsikit.tiling import read_grid
+
+    grid = read_grid(job / "tiles" / "mpp1.00_128px_0ov" / "s1.h5")  # the file's spec
+    assert grid.attrs["min_tissue"] == 0.25  # the command-line option won over the file
+    assert abs(grid.attrs["mask_mpp"] - 16.0) < 0.1  # the file's value where no option was given
+    status = read_status(job, "tile", "s1")
+    assert status.state == "done"
+    result = runner.invoke(app, ["extract", str(job), "--config", str(config), "--batch-size", "3"])
+    assert result.exit_code == 0, result.output
+    assert "batch 3" in result.output and "efficientnet-lite0" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"tile": {"specs": ["1.0/128"], "min_tisue": 0.5}}))
+    result = runner.invoke(app, ["tile", str(small_slides[1]), "--out", str(job), "--config", str(bad)])
+    assert result.exit_code == 2 and "unknown key(s) min_tisue" in result.output

@@ -44,7 +44,7 @@ class PipelineConfig:
     slide_mpp: float | None = None  # resolution for slides whose file has none (a slide list's column wins)
 
 
-def _expand_specs(section: dict[str, Any], where: str) -> dict[str, Any]:
+def expand_specs(section: dict[str, Any], where: str) -> dict[str, Any]:
     """Allow tile specs written as strings (``20x/256``, ``0.5/224/16``) as well as mappings."""
     specs = section.get("specs")
     if not isinstance(specs, list):
@@ -72,7 +72,7 @@ def pipeline_config(data: dict[str, Any], where: str = "config") -> PipelineConf
     if "tile" not in data:
         raise ConfigError(f"{where}: a pipeline config needs a 'tile' section with at least one spec")
     return PipelineConfig(
-        tile=build(TileConfig, _expand_specs(data["tile"] or {}, f"{where}:tile"), f"{where}:tile"),
+        tile=build(TileConfig, expand_specs(data["tile"] or {}, f"{where}:tile"), f"{where}:tile"),
         extract=build(ExtractConfig, data["extract"] or {}, f"{where}:extract")
         if "extract" in data
         else None,
