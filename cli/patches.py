@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from wsikit.cli.common import console, fail, out
+from wsikit.cli.common import build_settings, console, fail, layered_settings, out
 
 app = typer.Typer(
     help="Classify patches and X-rays: MedMNIST .npz, image folders or CSV manifests.", no_args_is_help=True
@@ -53,8 +53,14 @@ def _headline(title: str, m: dict) -> None:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help=DATA_HELP),
     out_dir: Path = typer.Option(..., "--out", help="Where checkpoints, reports and curves go."),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="YAML recipe (sections 'model', 'train'; see configs/); options given here win.",
+    ),
     encoder: str = typer.Option(
         "efficientnet-lite0", help="Registry encoder (wsikit.encoders) or timm:<name>."
     ),
@@ -108,15 +114,19 @@ def train(
         f"{'patients: ' + str(len(set(ds.patients))) if ds.patients is not None else 'no patient ids'}",
         highlight=False,
     )
-    mcfg = ModelConfig(
-        encoder=encoder, input_size=input_size, small_input=small_input,
-        in_chans=1 if grey == "adapt" and ds.channels == 1 else 3,
+    model = layered_settings(
+        ctx, config, "model",
+        {"encoder": (("encoder",), encoder), "input_size": (("input_size",), input_size),
+         "small_input": (("small_input",), small_input)},
     )  # fmt: skip
-    tcfg = TrainConfig(
-        mode=mode, epochs=epochs, head_epochs=head_epochs, lr=lr, head_lr=head_lr, batch_size=batch_size,
-        imbalance=imbalance, monitor=monitor, patience=patience, augment=augment, color_jitter=color_jitter,
-        seed=seed, device=device, num_workers=workers, resume=resume,
-    )  # fmt: skip
+    model["in_chans"] = 1 if grey == "adapt" and ds.channels == 1 else 3
+    mcfg = build_settings(ModelConfig, model, config, "model")
+    names = ("mode", "epochs", "head_epochs", "lr", "head_lr", "batch_size", "imbalance", "monitor", "patience",
+             "augment", "color_jitter", "seed", "device", "resume")  # fmt: skip
+    options = {n: ((n,), value) for n, value in zip(names, [mode, epochs, head_epochs, lr, head_lr, batch_size,
+               imbalance, monitor, patience, augment, color_jitter, seed, device, resume], strict=True)}  # fmt: skip
+    options["num_workers"] = (("workers",), workers)
+    tcfg = build_settings(TrainConfig, layered_settings(ctx, config, "train", options), config, "train")
     if weights is not None and folds:
         raise fail("--weights with --folds is not supported; run the folds with the registry weights")
     with warnings.catch_warnings(record=True) as caught:

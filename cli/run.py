@@ -9,7 +9,7 @@ import typer
 import yaml
 
 from wsikit.cli.common import console, fail, my_slides, out, print_summary, with_progress
-from wsikit.config import ConfigError, to_plain
+from wsikit.config import ConfigError, build, load_yaml, to_plain
 from wsikit.jobs import JobError, resolve_slides
 from wsikit.pipeline import load_pipeline_config, run_pipeline
 from wsikit.schedulers import SCHEDULERS, ArrayJob, absolute_slides, write_script
@@ -25,9 +25,25 @@ def _load(config: Path | None, slide_mpp: float | None = None):
 
 
 @config_app.command("show")
-def config_show(config: Path = typer.Argument(..., help="A YAML pipeline config (see configs/).")) -> None:
+def config_show(
+    config: Path = typer.Argument(..., help="A YAML pipeline config or patch recipe (configs/)."),
+) -> None:
     """Print the resolved config: every setting, defaults filled in, after validation."""
-    out.print(yaml.safe_dump(to_plain(_load(config)), sort_keys=False), highlight=False)
+    try:
+        data = load_yaml(config)
+        if "model" in data or "train" in data:  # a patch-classifier recipe (wsikit patches train --config)
+            from wsikit.core.models import ModelConfig
+            from wsikit.core.train import TrainConfig
+
+            resolved = {
+                "model": to_plain(build(ModelConfig, data.get("model"), f"{config}:model")),
+                "train": to_plain(build(TrainConfig, data.get("train"), f"{config}:train")),
+            }
+        else:
+            resolved = to_plain(load_pipeline_config(config))
+    except ConfigError as exc:
+        raise fail(str(exc)) from exc
+    out.print(yaml.safe_dump(resolved, sort_keys=False), highlight=False)
 
 
 def run(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -229,3 +230,28 @@ def test_tile_and_extract_take_config_with_command_line_overrides(tmp_path, smal
     bad.write_text(yaml.safe_dump({"tile": {"specs": ["1.0/128"], "min_tisue": 0.5}}))
     result = runner.invoke(app, ["tile", str(small_slides[1]), "--out", str(job), "--config", str(bad)])
     assert result.exit_code == 2 and "unknown key(s) min_tisue" in result.output
+
+
+def test_patch_recipes_validate_and_drive_patches_train(tmp_path):
+    for recipe in ("pneumoniamnist-resnet18.yaml", "chest-xray-efficientnet-lite0.yaml"):
+        result = CliRunner().invoke(app, ["config", "show", str(REPO / "configs" / recipe)])
+        assert result.exit_code == 0 and "train:" in result.stdout, result.output
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 48), ("val", 24), ("test", 24)):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 120, (n, 28, 28), dtype=np.uint8)
+        images[labels == 1, 8:20, 8:20] = 230  # a bright square marks class 1
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+    np.savez(tmp_path / "tiny.npz", **arrays)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        ["patches", "train", str(tmp_path / "tiny.npz"), "--out", str(out), "--device", "cpu",
+         "--config", str(REPO / "configs" / "pneumoniamnist-resnet18.yaml"), "--epochs", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["history"]) == 1  # --epochs 1 won over the recipe's 12
+    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    assert "resnet18" in json.dumps(ckpt, default=str)  # the recipe's encoder
