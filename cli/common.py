@@ -21,7 +21,7 @@ out = Console()
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print a one-line error and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -81,9 +81,9 @@ def print_summary(title: str, summary: BatchSummary, columns: dict[str, Callable
     )
     for status in summary.done:
         for warning in status.warnings:
-            console.print(f"[yellow]warning[/] {status.slide_id}: {warning}", highlight=False)
+            console.print(f"[yellow]warning[/] {status.slide_id}: {warning}", highlight=False, soft_wrap=True)
     for status in summary.failed:
-        console.print(f"[red]failed[/] {status.slide_id}: {status.error}", highlight=False)
+        console.print(f"[red]failed[/] {status.slide_id}: {status.error}", highlight=False, soft_wrap=True)
 
 
 def exit_for(summary: BatchSummary) -> None:

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from wsikit.bags import BagError
-from wsikit.cli.common import console, fail, out
+from wsikit.cli.common import build_settings, console, fail, layered_settings, out
 from wsikit.metrics import fmt_value
 from wsikit.mil.data import DataError, bag_dims, bag_provenance, find_bags, match_bags, read_labels
 from wsikit.mil.evaluate import CheckpointError, evaluate_run, headline_keys
@@ -55,12 +55,16 @@ def _model_opts(items: list[str]) -> dict:
 
 
 def train(
+    ctx: typer.Context,
     bags: Path = typer.Argument(
         ..., help="Job directory (uses <job>/bags/<spec>/<encoder>/) or a folder of bags."
     ),
     labels: Path = typer.Option(..., "--labels", "-l", help="CSV/TSV with slide_id, patient_id, label."),
     out_dir: Path = typer.Option(
         ..., "--out", "-o", help="Run directory for checkpoints, splits and reports."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML config whose 'mil' section sets defaults; options given here win."
     ),
     model: str = typer.Option("abmil-gated", "--model", "-m", help="Model name (see --list-models)."),
     model_opt: list[str] = typer.Option(
@@ -125,13 +129,16 @@ def train(
     ),
 ) -> None:
     """Train a slide-level model with patient-level k-fold CV; resumable; reports with mean ± std."""
-    cfg = TrainConfig(
-        model=model, model_kwargs=_model_opts(model_opt), epochs=epochs, lr=lr, weight_decay=weight_decay,
-        schedule=schedule, patience=patience, min_epochs=min_epochs, monitor=monitor, balance=balance,
-        accumulate=accumulate, max_tiles=max_tiles, folds=folds, test_fraction=test_fraction, seed=seed,
-        device=device, num_workers=workers, threshold=threshold, target=target, calibrate=calibrate,
-        bootstrap=bootstrap,
-    )  # fmt: skip
+    names = ("model", "epochs", "lr", "weight_decay", "schedule", "patience", "min_epochs", "monitor", "balance",
+             "accumulate", "max_tiles", "folds", "test_fraction", "seed", "device", "threshold", "target",
+             "calibrate", "bootstrap")  # fmt: skip
+    values = [model, epochs, lr, weight_decay, schedule, patience, min_epochs, monitor, balance, accumulate,
+              max_tiles, folds, test_fraction, seed, device, threshold, target, calibrate, bootstrap]  # fmt: skip
+    options = {n: ((n,), v) for n, v in zip(names, values, strict=True)}
+    options["model_kwargs"] = (("model_opt",), _model_opts(model_opt))
+    options["num_workers"] = (("workers",), workers)
+    cfg = build_settings(TrainConfig, layered_settings(ctx, config, "mil", options), config, "mil")
+    model = cfg.model
     set_threads(threads)
     try:
         cfg.check()

@@ -255,3 +255,24 @@ def test_patch_recipes_validate_and_drive_patches_train(tmp_path):
     assert len(history["history"]) == 1  # --epochs 1 won over the recipe's 12
     ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
     assert "resnet18" in json.dumps(ckpt, default=str)  # the recipe's encoder
+
+
+def test_mil_train_reads_the_mil_section(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"mil": {"model": "abmil", "fold": 3}}))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,patient_id,label\n")
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(tmp_path),
+            "--labels",
+            str(labels),
+            "--out",
+            str(tmp_path / "run"),
+            "--config",
+            str(bad),
+        ],
+    )
+    assert result.exit_code == 2 and "mil: unknown key(s) fold; allowed: model" in result.output
