@@ -63,7 +63,14 @@ def expand_specs(section: dict[str, Any], where: str) -> dict[str, Any]:
 
 def pipeline_config(data: dict[str, Any], where: str = "config") -> PipelineConfig:
     """Validate a config mapping (sections ``tile``, ``extract``, ``heatmap``, ``slide_mpp``)."""
-    allowed = {"tile", "extract", "heatmap", "slide_mpp", "description", "mil"}  # mil: `wsikit train --config`
+    allowed = {
+        "tile",
+        "extract",
+        "heatmap",
+        "slide_mpp",
+        "description",
+        "mil",
+    }  # mil: `wsikit train --config`
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(
