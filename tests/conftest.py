@@ -45,3 +45,15 @@ def pyramids(tmp_path_factory, sample_rgb) -> dict[str, Path]:
         "generic": write_pyramid(root / "cmu_generic.tif", sample_rgb, 0.499, layout="generic"),
         "no_mpp": write_pyramid(root / "cmu_nompp.tif", sample_rgb, None, layout="generic"),
     }
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: small models on a shared 2-core CPU run many times slower with two
+    (oversubscribed OpenMP threads spin and wait)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -238,13 +238,7 @@ def slide_tiles(sample_slide):
     return np.asarray(coords, np.int64), np.stack(feats), (w, h)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared CPU: one torch thread (oversubscribed threads are many times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -550,25 +550,19 @@ class Extractor:
         """Extract every slide with run_batch semantics; a slide done with other settings is redone."""
         stage = stage_name(self.runtime.encoder.name)
         key = self.cfg.key(self.runtime.encoder.weights_id, specs)
-        summary = BatchSummary()
-        for entry in entries:
-            previous = read_status(job_dir, stage, entry.slide_id)
-            stale = previous is not None and previous.state == "done" and previous.info.get("settings") != key
-            part = run_batch(
-                stage,
-                [entry],
-                lambda e: extract_one(
-                    e, job_dir, self.cfg, self.runtime, specs, self.stain, self.workers, on_tiles
-                ),
-                job_dir,
-                overwrite=overwrite or stale,
-                retry_failed=retry_failed,
-                on_start=on_start,
-                on_end=on_end,
-            )
-            for name in ("done", "failed", "skipped", "busy"):
-                getattr(summary, name).extend(getattr(part, name))
-        return summary
+        return run_batch(
+            stage,
+            entries,
+            lambda e: extract_one(
+                e, job_dir, self.cfg, self.runtime, specs, self.stain, self.workers, on_tiles
+            ),
+            job_dir,
+            overwrite,
+            retry_failed,
+            on_start,
+            on_end,
+            outdated=lambda previous: previous.info.get("settings") != key,
+        )
 
 
 def run_extraction(

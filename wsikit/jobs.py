@@ -374,6 +374,11 @@ class BatchSummary:
     def ok(self) -> bool:
         return not self.failed
 
+    def extend(self, other: BatchSummary) -> None:
+        """Add another run's records to these."""
+        for name in ("done", "failed", "skipped", "busy"):
+            getattr(self, name).extend(getattr(other, name))
+
 
 def one_line(exc: BaseException) -> str:
     """An exception as one line: its message, or its type when it has none."""
@@ -390,16 +395,21 @@ def run_batch(
     retry_failed: bool = False,
     on_start: Callable[[SlideEntry], None] | None = None,
     on_end: Callable[[SlideEntry, Status | None], None] | None = None,
+    outdated: Callable[[Status], bool] | None = None,
 ) -> BatchSummary:
     """Run ``work`` on each slide with locks, skip-done and per-slide failure records.
 
     A slide is skipped when its status says done (or failed, unless ``retry_failed``), unless
-    ``overwrite``. An exception in ``work`` becomes a ``failed`` record and the batch goes on.
+    ``overwrite``, or unless ``outdated(record)`` says a done record's settings no longer match.
+    An exception in ``work`` becomes a ``failed`` record and the batch goes on.
     """
     summary = BatchSummary()
     for entry in entries:
         previous = read_status(job_dir, stage, entry.slide_id)
-        if previous and not overwrite and (previous.state == "done" or not retry_failed):
+        redo = overwrite or (
+            previous is not None and previous.state == "done" and outdated is not None and outdated(previous)
+        )
+        if previous and not redo and (previous.state == "done" or not retry_failed):
             summary.skipped.append(entry.slide_id)
             if on_end:
                 on_end(entry, None)
@@ -412,7 +422,7 @@ def run_batch(
                 continue
             # another process may have finished the slide between our check and the lock
             again = read_status(job_dir, stage, entry.slide_id)
-            if again and not overwrite and again.finished_at != getattr(previous, "finished_at", None):
+            if again and not redo and again.finished_at != getattr(previous, "finished_at", None):
                 summary.skipped.append(entry.slide_id)
                 if on_end:
                     on_end(entry, None)

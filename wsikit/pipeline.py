@@ -117,9 +117,7 @@ class PipelineSummary:
         return all(s.ok for s in self.stages.values())
 
     def add(self, stage: str, part: BatchSummary) -> None:
-        total = self.stages.setdefault(stage, BatchSummary())
-        for name in ("done", "failed", "skipped", "busy"):
-            getattr(total, name).extend(getattr(part, name))
+        self.stages.setdefault(stage, BatchSummary()).extend(part)
 
 
 def run_pipeline(

@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from wsikit.jobs import BatchSummary, SlideEntry, StageResult, Status, atomic_path, read_status, run_batch
+from wsikit.jobs import BatchSummary, SlideEntry, StageResult, Status, atomic_path, run_batch
 from wsikit.slide import Slide, same_mpp
 from wsikit.tiling import (
     TileGrid,
@@ -254,30 +254,17 @@ def run_tiling(
     A slide already done with other settings (specs, threshold, mask settings…), or whose user
     GeoJSON changed since, is redone.
     """
-    summary = BatchSummary()
     key = cfg.key()
-    for entry in entries:
-        previous = read_status(job_dir, STAGE, entry.slide_id)
-        stale = (
-            previous is not None
-            and previous.state == "done"
-            and (
-                previous.info.get("settings") != key
-                or previous.info.get("user_mask_sha1") != _user_mask_digest(cfg, entry.slide_id)
-            )
-        )
-        part = run_batch(
-            STAGE,
-            [entry],
-            lambda e: tile_one(e, job_dir, cfg),
-            job_dir,
-            overwrite=overwrite or stale,
-            retry_failed=retry_failed,
-            on_start=on_start,
-            on_end=on_end,
-        )
-        for name in ("done", "failed", "skipped", "busy"):
-            getattr(summary, name).extend(getattr(part, name))
+
+    def outdated(previous: Status) -> bool:
+        return previous.info.get("settings") != key or previous.info.get(
+            "user_mask_sha1"
+        ) != _user_mask_digest(cfg, previous.slide_id)
+
+    summary = run_batch(
+        STAGE, entries, lambda e: tile_one(e, job_dir, cfg), job_dir, overwrite, retry_failed, on_start, on_end,
+        outdated,
+    )  # fmt: skip
     if cfg.save_tiles:
         for name in list_specs(job_dir):  # with --align-native a slide's spec names may differ
             write_patch_manifest(job_dir, name)
