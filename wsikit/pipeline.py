@@ -31,6 +31,8 @@ class HeatmapConfig:
     spec: str | None = None  # the bag spec to score; default: the finest tiled spec
     normalize: str = "rank"
     cmap: str = "jet"
+    alpha: float = 0.5
+    max_side: int = 2048
     top_k: int = 8
 
 
@@ -174,7 +176,7 @@ def _heatmap(
     def work(e: SlideEntry) -> StageResult:
         out = Path(job_dir) / "heatmaps" / f"{e.slide_id}.png"
         written = heatmap_for_slide(
-            hm.model, e.path, bag, out, normalize=hm.normalize, cmap=hm.cmap, top_k=hm.top_k, mpp=e.mpp
+            hm.model, e.path, bag, out, hm.normalize, hm.cmap, hm.alpha, hm.max_side, hm.top_k, mpp=e.mpp
         )
         return StageResult(outputs=[str(p) for p in written.values()])
 
