@@ -73,6 +73,12 @@ def extract(
         None, "--shard", help="i/n: this process's share (default: from SLURM/SGE/LSF/PBS array variables)."
     ),
     backend: str = typer.Option("auto", "--backend", help="auto | openslide | tiffslide"),
+    reader: str = typer.Option(
+        "auto",
+        "--reader",
+        help="auto | native | openslide | tiffslide: native decodes the file's compressed tiles where that "
+        "is exact (auto: native there, --backend elsewhere); see docs/readers.md.",
+    ),
 ) -> None:
     """Encode every tile of a tiled job into one feature bag per slide and spec."""
     try:
@@ -92,6 +98,7 @@ def extract(
             "multiscale": (("multiscale",), multiscale),
             "compile": (("compile_model",), compile_model),
             "backend": (("backend",), backend),
+            "reader": (("reader",), reader),
         }
         cfg = build_settings(
             ExtractConfig, layered_settings(ctx, config, "extract", options), config, "extract"

@@ -362,3 +362,46 @@ def test_failed_tiles_assemble_as_zeros(files):
         pixels = assemble_batch(batch, 256)
         assert errors[0] == "SlideError: broken" and not pixels[0].any()
         assert np.array_equal(pixels[1].numpy(), read_tile(slide, (256, 0), 256, 256))
+
+
+def test_extract_reader_native_equals_openslide(tmp_path):
+    """`wsikit tile --align-native` then extraction: native and OpenSlide readers give the same bags."""
+    from typer.testing import CliRunner
+
+    from wsikit.bags import read_bag
+    from wsikit.cli.main import app
+    from wsikit.encoders import get_encoder
+    from wsikit.extract import ExtractConfig, ExtractError, Extractor, job_slides
+
+    job = tmp_path / "job"
+    res = CliRunner().invoke(
+        app, ["tile", str(SAMPLE_SLIDE), "--out", str(job), "--align-native", "--min-tissue", "0.3"]
+    )
+    assert res.exit_code == 0, res.output
+    spec = "mpp0.50_240px_0ov"
+    torch.manual_seed(0)
+    encoder = get_encoder("resnet18", pretrained=False)
+    feats = {}
+    for reader in ("native", "openslide"):
+        cfg = ExtractConfig(
+            encoder="resnet18",
+            pretrained=False,
+            device="cpu",
+            precision="fp32",
+            batch_size=16,
+            workers=0,
+            reader=reader,
+        )
+        ex = Extractor.build(cfg, encoder=encoder)
+        out = tmp_path / reader
+        import shutil
+
+        shutil.copytree(job, out)
+        summary = ex.run(job_slides(out, [spec]), out, [spec])
+        status = summary.done[0]
+        assert status.info["reader"] == reader
+        feats[reader] = read_bag(out / "bags" / spec / "resnet18" / "CMU-1-Small-Region.h5").features
+    assert feats["native"].shape[0] > 20
+    assert np.array_equal(feats["native"], feats["openslide"])
+    with pytest.raises(ExtractError, match="--reader"):
+        ExtractConfig(reader="fast")

@@ -42,6 +42,7 @@ from wsikit.jobs import (
     read_status,
     run_batch,
 )
+from wsikit.native import READERS, TileItems, TileSource, assemble_batch, collate_items
 from wsikit.slide import Slide, open_slide
 from wsikit.tiling import TileGrid, grid_path, list_specs, read_grid, read_tile
 
@@ -219,6 +220,7 @@ def extract_grid(
     workers: int = 0,
     on_tiles: Callable[[int], None] | None = None,
     seconds: dict[str, float] | None = None,
+    reader: str = "auto",
 ) -> list[tuple[int, int, str]]:
     """Encode every tile of ``grid`` into ``writer``; returns the skipped tiles as (x, y, error).
 
@@ -226,13 +228,16 @@ def extract_grid(
     GPU is never idle waiting for the file. ``seconds`` (if given) accumulates where the time went:
     ``read_wait`` (waiting for tiles), ``model`` (device work as seen from here), ``write``.
     """
-    dataset = TileDataset(slide, grid.coords, grid.size_level0, runtime.encoder.input_size)
+    # tiles through wsikit.native (docs/readers.md): compressed file tiles where exact, read_region
+    # elsewhere; on a GPU, workers ship whole JPEG tiles as bytes and nvJPEG decodes each batch
+    source = TileSource(slide, grid.coords, grid.size_level0, runtime.encoder.input_size, reader)
+    dataset = TileItems(source, ship_streams=runtime.device.type == "cuda")
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
-        collate_fn=collate_tiles,
+        collate_fn=collate_items,
         pin_memory=runtime.device.type == "cuda",
         prefetch_factor=4 if workers else None,
         worker_init_fn=_worker_init if workers else None,
@@ -261,7 +266,10 @@ def extract_grid(
         times["read_wait"] += time.perf_counter() - t
         if item is None:
             break
-        pixels, index, errors = item
+        batch, index, errors = item
+        t = time.perf_counter()
+        pixels = assemble_batch(batch, runtime.encoder.input_size, runtime.device)
+        times["read_wait"] += time.perf_counter() - t
         ok = np.array([not e for e in errors])
         idx = index.numpy()
         t = time.perf_counter()
@@ -302,8 +310,11 @@ class ExtractConfig:
     channels_last: bool = True
     compile: bool = False
     backend: str = "auto"
+    reader: str = "auto"  # auto | native | openslide | tiffslide (wsikit.native)
 
     def __post_init__(self) -> None:
+        if self.reader not in READERS:
+            raise ExtractError(f"--reader {self.reader!r}: use one of {', '.join(READERS)}")
         if self.fmt not in ("h5", "zarr"):
             raise ExtractError(f"--format {self.fmt!r}: use h5 or zarr")
         if self.batch_size < 1:
@@ -420,6 +431,7 @@ def extract_one(
     warnings: list[str] = []
     info: dict[str, Any] = {"tiles": {}, "skipped": {}, "tiles_per_s": {}, "seconds": {}}
     info["runtime"] = runtime.describe()
+    info["reader"] = cfg.reader
     with open_slide(slide_path, cfg.backend, mpp=grids[0].slide_mpp, slide_id=entry.slide_id) as slide:  # type: ignore[arg-type]
         slide_stain = None
         if stain is not None:
@@ -442,7 +454,9 @@ def extract_one(
                 "float16" if cfg.fp16_features else "float32",
                 cfg.compression,
             ) as writer:
-                skipped = extract_grid(slide, grid, run, writer, cfg.batch_size, workers, on_tiles, parts)
+                skipped = extract_grid(
+                    slide, grid, run, writer, cfg.batch_size, workers, on_tiles, parts, cfg.reader
+                )
                 writer.attrs["skipped_errors"] = [
                     f"({x}, {y}): {e}" for x, y, e in skipped[:_MAX_RECORDED_ERRORS]
                 ]
