@@ -1,7 +1,7 @@
 """End-to-end extraction rate (slide → bag file) against the encoder's pure forward rate, side by side.
 
     .venv/bin/python benchmarks/bench_extract.py [--encoder resnet50-trunc] [--batch 32] [--tiles 192]
-        [--device auto] [--precision auto] [--rounds 2] [--compare]
+        [--device auto] [--precision auto] [--reader auto] [--rounds 2] [--compare]
 
 Builds a real slide (the bundled CMU H&E region mirrored 2×2 into a 4096×5888 JPEG pyramid, MPP 0.499),
 tiles it at 0.5 µm/px / 256 px, then alternates, ``--rounds`` times:
@@ -10,7 +10,8 @@ tiles it at 0.5 µm/px / 256 px, then alternates, ``--rounds`` times:
   (channels-last, the same autocast), nothing else;
 * end to end: ``Extractor.run`` on the job — DataLoader workers reading and resampling tiles, uint8 →
   device → normalisation → model → features streamed into the h5 bag, status record written;
-* reading only: the same DataLoader with no model, to show the headroom of the readers.
+* reading only: the stage's DataLoader (``wsikit.native.TileItems``, ``--reader``) with no model, to
+  show the headroom of the readers.
 
 It prints medians and the ratio end-to-end / forward. ``--compare`` adds, each in a fresh process:
 fp32 vs bf16 autocast, and glibc malloc with and without wsikit's ``mallopt`` tuning (and tcmalloc
@@ -38,12 +39,11 @@ import torch
 from wsikit.extract import (
     ExtractConfig,
     Extractor,
-    TileDataset,
-    collate_tiles,
     default_workers,
     resolve_device,
 )
 from wsikit.jobs import SlideEntry, allotted_cpus
+from wsikit.native import TileItems, TileSource, collate_items
 from wsikit.pyramid import write_pyramid
 from wsikit.slide import SAMPLE_SLIDE, open_slide
 from wsikit.tiling import TileSpec, grid_path, read_tile, tile_slide, write_grid
@@ -126,12 +126,14 @@ def reading(entry: SlideEntry, job: Path, ex: Extractor) -> dict[str, float]:
 
     grid = read_grid(grid_path(job, "mpp0.50_256px_0ov", "bench"))
     with open_slide(entry.path) as slide:
-        ds = TileDataset(slide, grid.coords, grid.size_level0, ex.runtime.encoder.input_size)
+        source = TileSource(
+            slide, grid.coords, grid.size_level0, ex.runtime.encoder.input_size, ex.cfg.reader
+        )
         loader = DataLoader(
-            ds,
+            TileItems(source, ship_streams=ex.runtime.device.type == "cuda"),
             batch_size=ex.cfg.batch_size,
             num_workers=ex.workers,
-            collate_fn=collate_tiles,
+            collate_fn=collate_items,
             worker_init_fn=_worker_init if ex.workers else None,
         )
         with Clock() as clock:
@@ -154,6 +156,7 @@ def measure(args: argparse.Namespace) -> dict:
             device=args.device,
             precision=args.precision,
             workers=args.workers,
+            reader=args.reader,
         )
         ex = Extractor.build(cfg)
         rt = ex.runtime
@@ -196,6 +199,7 @@ def measure(args: argparse.Namespace) -> dict:
 def _child(args: argparse.Namespace, env: dict[str, str], precision: str) -> dict:
     cmd = [sys.executable, __file__, "--json", "--encoder", args.encoder, "--batch", str(args.batch)]
     cmd += ["--tiles", str(args.tiles), "--device", args.device, "--precision", precision, "--rounds", "1"]
+    cmd += ["--reader", args.reader]
     out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -210,6 +214,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--reader", default="auto", help="auto | native | openslide | tiffslide")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compare", action="store_true", help="fp32 vs bf16, malloc variants (subprocesses)")
     parser.add_argument("--json", action="store_true", help="print one JSON line (used by --compare)")
@@ -221,6 +226,7 @@ def main() -> None:
     print(
         f"{result['encoder']} on {result['device']} ({result['autocast']}, channels-last), batch {result['batch']}, "
         f"{result['tiles']} tiles of 256 px → 224, {result['workers']} reader process(es), "
+        f"reader {args.reader}, "
         f"{result['torch_threads']} torch threads, {result['allotted_cpus']} allotted CPUs "
         f"(default readers for this device: {default_workers(resolve_device(args.device))}); random weights"
     )

@@ -1,8 +1,9 @@
 """Batched feature extraction: tiles of a job's grids → encoder → one feature bag per slide and spec.
 
-Per slide and spec, a :class:`TileDataset` reads each tile of the grid in DataLoader workers (the
-:class:`~wsikit.slide.Slide` pickles and reopens there), resampled once from the best pyramid level to
-the encoder's input size. On the device each uint8 batch is optionally stain-normalized, normalized to
+Per slide and spec, a :class:`wsikit.native.TileItems` dataset reads each tile of the grid in DataLoader
+workers (the slide pickles and reopens there): compressed file tiles decoded directly where that is
+pixel-exact, otherwise ``read_region`` from the best pyramid level, resampled once to the encoder's
+input size (``--reader``, docs/readers.md). On the device each uint8 batch is optionally stain-normalized, normalized to
 the encoder's mean/std and run under ``torch.inference_mode`` with autocast and channels-last; features
 stream into the bag file in chunks. A tile that fails to read is skipped and recorded (coordinates and
 error); a slide that fails is recorded by :func:`wsikit.jobs.run_batch` and the run goes on.
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from wsikit.bags import BagWriter, bag_path, new_attrs, read_bag, write_bag
 from wsikit.encoders import Encoder, get_encoder
@@ -108,52 +109,10 @@ def resolve_precision(precision: str, device: torch.device, encoder: Encoder) ->
     return table[precision]
 
 
-# -- the tile dataset ----------------------------------------------------------------------------------
-class TileDataset(Dataset):
-    """Tiles of one grid as uint8 (size, size, 3), read at the grid's footprint and resampled once.
-
-    Items are ``(pixels, index, error)``; a tile that cannot be read gives zeros and its error text
-    (the slide is reopened, since some readers refuse every later read after a decode error).
-    """
-
-    def __init__(self, slide: Slide, coords: np.ndarray, size_level0: int, size: int) -> None:
-        self.slide = slide
-        self.coords = np.asarray(coords, np.int64).reshape(-1, 2)
-        self.size_level0 = int(size_level0)
-        self.size = int(size)
-
-    def __len__(self) -> int:
-        return int(self.coords.shape[0])
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int, str]:
-        xy = (int(self.coords[i, 0]), int(self.coords[i, 1]))
-        try:
-            return read_tile(self.slide, xy, self.size_level0, self.size), i, ""
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            with contextlib.suppress(Exception):
-                self.reopen()
-            return np.zeros((self.size, self.size, 3), np.uint8), i, error
-
-    def reopen(self) -> None:
-        """A fresh file handle for the same Slide object (in each worker: never share a reader's
-        file position; after a read error: some readers refuse every later read)."""
-        state = self.slide.__getstate__()
-        with contextlib.suppress(Exception):
-            self.slide.close()
-        self.slide.__setstate__(state)
-
-
+# -- reading tiles ------------------------------------------------------------------------------------
 def _worker_init(_: int) -> None:
     info = torch.utils.data.get_worker_info()
     info.dataset.reopen()  # type: ignore[union-attr]
-
-
-def collate_tiles(items: list[tuple[np.ndarray, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Stack into (B, H, W, 3) uint8, (B,) int64 indices and the per-tile error texts."""
-    pixels = torch.from_numpy(np.stack([it[0] for it in items]))
-    index = torch.tensor([it[1] for it in items], dtype=torch.int64)
-    return pixels, index, [it[2] for it in items]
 
 
 def default_workers(device: torch.device, cpus: int | None = None) -> int:
