@@ -55,7 +55,12 @@ def with_progress(
         def on_end(entry: SlideEntry, status: Status | None) -> None:
             progress.advance(task)
 
-        summary = run(entries, on_start=on_start, on_end=on_end, **kwargs)
+        try:
+            summary = run(entries, on_start=on_start, on_end=on_end, **kwargs)
+        except (
+            JobError
+        ) as exc:  # the job directory itself failed (e.g. disk full): nothing more can be recorded
+            raise fail(str(exc), 1) from exc
         progress.update(task, description=label)
     return summary
 

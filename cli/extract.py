@@ -79,6 +79,12 @@ def extract(
         help="auto | native | openslide | tiffslide: native decodes the file's compressed tiles where that "
         "is exact (auto: native there, --backend elsewhere); see docs/readers.md.",
     ),
+    read_timeout: float = typer.Option(
+        600.0,
+        "--read-timeout",
+        help="Seconds the reading workers may take for one batch before the slide fails (a stalled network "
+        "read); 0: no limit.",
+    ),
 ) -> None:
     """Encode every tile of a tiled job into one feature bag per slide and spec."""
     try:
@@ -99,6 +105,7 @@ def extract(
             "compile": (("compile_model",), compile_model),
             "backend": (("backend",), backend),
             "reader": (("reader",), reader),
+            "read_timeout": (("read_timeout",), read_timeout),
         }
         cfg = build_settings(
             ExtractConfig, layered_settings(ctx, config, "extract", options), config, "extract"
@@ -141,9 +148,19 @@ def extract(
             rate = count[0] / max(1e-9, time.perf_counter() - t0)
             progress.update(tiles_task, advance=n, rate=f"{rate:.1f} tiles/s")
 
-        summary = extractor.run(
-            mine, job_dir, specs, overwrite, retry_failed, on_start=on_start, on_end=on_end, on_tiles=on_tiles
-        )
+        try:
+            summary = extractor.run(
+                mine,
+                job_dir,
+                specs,
+                overwrite,
+                retry_failed,
+                on_start=on_start,
+                on_end=on_end,
+                on_tiles=on_tiles,
+            )
+        except JobError as exc:  # the job directory itself failed (e.g. disk full)
+            raise fail(str(exc), 1) from exc
     print_summary(
         f"wsikit extract → {job_dir}/bags",
         summary,

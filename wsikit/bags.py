@@ -103,6 +103,8 @@ def _to_h5_attr(value: Any) -> Any:
         return _JSON_PREFIX + json.dumps(value, default=_json_default)
     if value is None:
         return _JSON_PREFIX + "null"
+    if isinstance(value, str) and ("\x00" in value or value.startswith(_JSON_PREFIX)):
+        return _JSON_PREFIX + json.dumps(value)  # HDF5 strings hold no NUL; "json:…" must not be decoded
     return value
 
 
@@ -143,6 +145,65 @@ def _chunk_rows(dim: int, itemsize: int) -> int:
 
 
 # -- writing -------------------------------------------------------------------------------------------
+class _WriteGuard:
+    """The file under h5py's ``fileobj`` driver: it keeps the first write error (disk full, file-size
+    limit) from HDF5, which cannot close a file after a failed write (the handle leaks and the process
+    may crash later), and raises it as a :class:`BagError` once HDF5 has let go of the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.error: OSError | None = None
+        self._fh = open(path, "w+b", buffering=0)  # noqa: SIM115 (closed by __exit__)
+
+    def __enter__(self) -> _WriteGuard:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._fh.close()
+        if exc_type is None:
+            self.check()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise BagError(
+                f"{self.path.parent}: could not write a bag there ({self.error.strerror}): "
+                "is the disk full, or a file-size limit (ulimit -f) reached?"
+            ) from self.error
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while self.error is None and done < len(view):
+            try:
+                done += self._fh.write(view[done:]) or 0
+            except OSError as exc:
+                self.error = exc
+        return len(view)
+
+    def readinto(self, buf: Any) -> int:
+        return self._fh.readinto(buf) or 0
+
+    def read(self, n: int = -1) -> bytes:  # with seek(): how h5py recognises a file object
+        return self._fh.read(n) or b""
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self._fh.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return self.tell() if size is None else size
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+
 class BagWriter:
     """Stream features into a bag: rows are appended in chunks, the file is renamed into place on close.
 
@@ -188,7 +249,8 @@ class BagWriter:
         if self.fmt == "h5":
             import h5py
 
-            self._h5 = self._stack.enter_context(h5py.File(tmp, "w", rdcc_nbytes=16 << 20))
+            self._guard = self._stack.enter_context(_WriteGuard(tmp))
+            self._h5 = self._stack.enter_context(h5py.File(self._guard, "w", rdcc_nbytes=16 << 20))
             opts = {"compression": self.compression} if self.compression else {}
             self._arrays = {
                 "features": self._h5.create_dataset(
@@ -256,6 +318,8 @@ class BagWriter:
             arr.resize((hi, *arr.shape[1:]))
             arr[lo:hi] = data
         self.n = hi
+        if self.fmt == "h5":
+            self._guard.check()  # stop at the first failed write
 
     def skip(self, coords: np.ndarray) -> None:
         """Record tiles that could not be read (level-0 top-left), stored as ``skipped_coords``."""

@@ -40,6 +40,7 @@ from wsikit.jobs import (
     StageResult,
     Status,
     allotted_cpus,
+    clear_stale_temps,
     read_status,
     run_batch,
 )
@@ -180,12 +181,14 @@ def extract_grid(
     on_tiles: Callable[[int], None] | None = None,
     seconds: dict[str, float] | None = None,
     reader: str = "auto",
+    read_timeout: float = 0.0,
 ) -> list[tuple[int, int, str]]:
     """Encode every tile of ``grid`` into ``writer``; returns the skipped tiles as (x, y, error).
 
     Each batch's features are copied back and written while the next batch runs on the device, so a
     GPU is never idle waiting for the file. ``seconds`` (if given) accumulates where the time went:
-    ``read_wait`` (waiting for tiles), ``model`` (device work as seen from here), ``write``.
+    ``read_wait`` (waiting for tiles), ``model`` (device work as seen from here), ``write``. With
+    workers, a batch not ready within ``read_timeout`` seconds (0: wait forever) fails the slide.
     """
     # tiles through wsikit.native (docs/readers.md): compressed file tiles where exact, read_region
     # elsewhere; on a GPU, workers ship whole JPEG tiles as bytes and nvJPEG decodes each batch
@@ -200,6 +203,7 @@ def extract_grid(
         pin_memory=runtime.device.type == "cuda",
         prefetch_factor=4 if workers else None,
         worker_init_fn=_worker_init if workers else None,
+        timeout=read_timeout if workers else 0,
     )
     times = seconds if seconds is not None else {}
     for key in ("read_wait", "model", "write"):
@@ -221,7 +225,20 @@ def extract_grid(
     batches = iter(loader)
     while True:
         t = time.perf_counter()
-        item = next(batches, None)
+        try:
+            item = next(batches, None)
+        except RuntimeError as exc:  # a worker that died (killed, out of memory, a crash in a reader)
+            if "DataLoader timed out" in str(exc):
+                raise ExtractError(
+                    f"{slide.path}: no tiles from the reading workers for {read_timeout:g} s (a stalled read "
+                    "on network storage?); rerun with --retry-failed, or raise --read-timeout"
+                ) from exc
+            if "DataLoader worker" not in str(exc):
+                raise
+            raise ExtractError(
+                f"{slide.path}: a tile-reading worker died ({exc}); rerun with --retry-failed "
+                "(--workers 0 shows a reader crash's own error)"
+            ) from exc
         times["read_wait"] += time.perf_counter() - t
         if item is None:
             break
@@ -270,6 +287,9 @@ class ExtractConfig:
     compile: bool = False
     backend: str = "auto"
     reader: str = "auto"  # auto | native | openslide | tiffslide (wsikit.native)
+    read_timeout: float = (
+        600.0  # seconds reader workers may take for one batch before the slide fails; 0: no limit
+    )
 
     def __post_init__(self) -> None:
         if self.reader not in READERS:
@@ -278,6 +298,8 @@ class ExtractConfig:
             raise ExtractError(f"--format {self.fmt!r}: use h5 or zarr")
         if self.batch_size < 1:
             raise ExtractError(f"--batch-size {self.batch_size}: must be ≥ 1")
+        if self.read_timeout < 0:
+            raise ExtractError(f"--read-timeout {self.read_timeout}: must be ≥ 0 (0: no limit)")
 
     def key(self, weights_id: str, specs: Sequence[str]) -> str:
         settings = {
@@ -307,6 +329,15 @@ def _stain_sample(slide: Slide, grid: TileGrid, n: int, size: int) -> torch.Tens
     if not tiles:
         raise ExtractError(f"{slide.path}: no tile could be read for the stain estimate")
     return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
+
+
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a file, or None when it is gone."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _bag_attrs(
@@ -361,7 +392,9 @@ def _join_multiscale(
     base.attrs.update(tile_spec=name, multiscale_specs=[g.spec.name for g in [fine, *coarse]])
     base.attrs.pop("source_format", None)
     base.attrs.pop("coords_unit", None)
-    return write_bag(bag_path(job, name, encoder_name, slide_id, fmt), base, fmt=fmt)
+    dest = bag_path(job, name, encoder_name, slide_id, fmt)
+    clear_stale_temps(dest)
+    return write_bag(dest, base, fmt=fmt)
 
 
 def extract_one(
@@ -391,6 +424,7 @@ def extract_one(
     info: dict[str, Any] = {"tiles": {}, "skipped": {}, "tiles_per_s": {}, "seconds": {}}
     info["runtime"] = runtime.describe()
     info["reader"] = cfg.reader
+    before = _file_state(slide_path)
     with open_slide(slide_path, cfg.backend, mpp=grids[0].slide_mpp, slide_id=entry.slide_id) as slide:  # type: ignore[arg-type]
         slide_stain = None
         if stain is not None:
@@ -401,6 +435,7 @@ def extract_one(
         paths: dict[str, Path] = {}
         for grid in grids:
             dest = bag_path(job, grid.spec.name, runtime.encoder.name, entry.slide_id, cfg.fmt)
+            clear_stale_temps(dest)  # a killed run's leftovers (run_batch holds the slide's lock)
             attrs = _bag_attrs(grid, slide, run, stain_info, cfg)
             t0 = time.perf_counter()
             parts: dict[str, float] = {}
@@ -414,11 +449,25 @@ def extract_one(
                 cfg.compression,
             ) as writer:
                 skipped = extract_grid(
-                    slide, grid, run, writer, cfg.batch_size, workers, on_tiles, parts, cfg.reader
+                    slide,
+                    grid,
+                    run,
+                    writer,
+                    cfg.batch_size,
+                    workers,
+                    on_tiles,
+                    parts,
+                    cfg.reader,
+                    cfg.read_timeout,
                 )
                 writer.attrs["skipped_errors"] = [
                     f"({x}, {y}): {e}" for x, y, e in skipped[:_MAX_RECORDED_ERRORS]
                 ]
+                if (now := _file_state(slide_path)) != before:  # raised inside: the bag is not kept
+                    raise ExtractError(
+                        f"{slide_path}: the slide file {'disappeared' if now is None else 'changed'} "
+                        f"during extraction at {grid.spec.name}; restore it and rerun with --retry-failed"
+                    )
             seconds = time.perf_counter() - t0
             paths[grid.spec.name] = dest
             outputs.append(str(dest))

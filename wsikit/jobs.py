@@ -56,6 +56,14 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+def clear_stale_temps(dest: str | os.PathLike) -> None:
+    """Remove the temporary files that :func:`atomic_path` calls for ``dest`` left behind (a killed
+    writer's). Call only while holding the slide's lock, so that no live writer owns them."""
+    dest = Path(dest)
+    for path in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):
+        _remove(path)
+
+
 def _replace_dir(tmp: Path, dest: Path) -> None:
     old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
     os.replace(dest, old)
@@ -401,7 +409,8 @@ def run_batch(
 
     A slide is skipped when its status says done (or failed, unless ``retry_failed``), unless
     ``overwrite``, or unless ``outdated(record)`` says a done record's settings no longer match.
-    An exception in ``work`` becomes a ``failed`` record and the batch goes on.
+    An exception in ``work`` becomes a ``failed`` record and the batch goes on; a status record that
+    cannot be written (disk full) stops the batch with a :class:`JobError`.
     """
     summary = BatchSummary()
     for entry in entries:
@@ -427,6 +436,7 @@ def run_batch(
                 if on_end:
                     on_end(entry, None)
                 continue
+            clear_stale_temps(status_path(job_dir, stage, entry.slide_id))
             if on_start:
                 on_start(entry)
             t0 = time.perf_counter()
@@ -440,7 +450,14 @@ def run_batch(
                 status = Status(stage, entry.slide_id, "done", result.outputs, result.info, result.warnings)
                 summary.done.append(status)
             status.seconds = round(time.perf_counter() - t0, 3)
-            write_status(job_dir, status)
+            try:
+                write_status(job_dir, status)
+            except OSError as exc:  # disk full or quota: stop here, everything recorded so far stays valid
+                raise JobError(
+                    f"{status_path(job_dir, stage, entry.slide_id)}: cannot write the status record "
+                    f"({exc.strerror or exc}); free disk space and rerun (recorded slides are kept, this one "
+                    "is redone)"
+                ) from exc
         if on_end:
             on_end(entry, status)
     return summary

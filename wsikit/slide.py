@@ -7,6 +7,8 @@ ever bucketed. A slide whose MPP cannot be trusted raises :class:`MPPError` nami
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -23,6 +25,10 @@ Backend = Literal["auto", "openslide", "tiffslide"]
 MPP_TOLERANCE = 0.05
 #: Plausible range for a microscopy MPP in µm/px; outside it a resolution tag is a default, not a scan.
 MPP_PLAUSIBLE = (0.05, 20.0)
+#: Longest plausible slide side in pixels (about 1 m at 0.25 µm/px); a header claiming more is damaged.
+MAX_SIDE_PX = 2**22
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_TIFF_CHAIN_ERRORS = ("invalid page offset", "corrupted tag list", "invalid offset to page")
 _UNIT_TO_UM = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "millimeter": 1e3, "mm": 1e3, "micrometer": 1.0}
 
 
@@ -97,6 +103,56 @@ def _tiff_resolution_mpp(path: Path) -> tuple[float, float] | None:
     return mpp if all(_plausible(m) for m in mpp) else None
 
 
+class _Records(logging.Handler):
+    """Collects log records (tifffile reports a broken page list only through its logger)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _tiff_damage(path: Path, size: int) -> str | None:
+    """Why a TIFF-family file is unusable (cut short, or a header claiming more than it holds), else None.
+
+    Checked before any reader opens the file: readers otherwise open a truncated slide and return blank
+    tiles, or try to allocate whatever a damaged header claims. Files tifffile cannot parse are left to
+    the readers' own errors.
+    """
+    import tifffile
+
+    with open(path, "rb") as fh:
+        if fh.read(4) not in _TIFF_MAGIC:
+            return None
+    log, records = logging.getLogger("tifffile"), _Records()
+    log.addHandler(records)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for i, page in enumerate(tif.pages):
+                w, h = int(page.imagewidth), int(page.imagelength)
+                if max(w, h) > MAX_SIDE_PX:
+                    return f"page {i} claims {w}x{h} px, beyond any slide scanner; the header is damaged"
+                offsets, counts = np.asarray(page.dataoffsets), np.asarray(page.databytecounts)
+                needed = math.prod(int(c) for c in page.chunked)
+                if offsets.size < needed:
+                    return f"page {i} claims {w}x{h} px but holds {offsets.size} of its {needed} tiles; the header is damaged"
+                end = int((offsets.astype(np.int64) + counts).max(initial=0))
+                if end > size:
+                    return (
+                        f"truncated: page {i}'s pixel data runs to byte {end} but the file has {size} bytes"
+                    )
+    except Exception:  # not parseable as TIFF here: the readers report it
+        return None
+    finally:
+        log.removeHandler(records)
+    broken = [m for m in records.messages if any(e in m for e in _TIFF_CHAIN_ERRORS)]
+    if broken:
+        return f"truncated: its list of pages breaks off ({broken[0].split('> ')[-1]}, file of {size} bytes)"
+    return None
+
+
 class Slide:
     """An open whole-slide image. Use :func:`open_slide`; pickles as its path and reopens in workers."""
 
@@ -122,15 +178,25 @@ class Slide:
     # -- opening ---------------------------------------------------------------------------------------
     def _open(self) -> None:
         path = self.path
-        if not path.exists():
-            raise SlideError(f"{path}: no such file")
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SlideError(f"{path}: symbolic link loop; point the link at the slide file") from exc
+            if path.is_symlink():
+                raise SlideError(
+                    f"{path}: broken symbolic link to {os.readlink(path)}; point it at the slide file"
+                ) from exc
+            raise SlideError(f"{path}: no such file ({exc.strerror}); check the path") from exc
         if path.is_dir():
-            raise SlideError(f"{path}: is a directory, not a slide file")
+            raise SlideError(f"{path}: is a directory, not a slide file; give the slide file inside it")
         if not os.access(path, os.R_OK):
             raise SlideError(f"{path}: not readable (permission denied); fix the file's permissions")
-        size = path.stat().st_size
         if size == 0:
             raise SlideError(f"{path}: empty file (0 bytes); the copy is incomplete, copy the slide again")
+        damage = _tiff_damage(path, size)
+        if damage:
+            raise SlideError(f"{path}: {damage}; copy the slide again (or re-export it)")
         order = ["openslide", "tiffslide"] if self._requested_backend == "auto" else [self._requested_backend]
         errors = []
         for name in order:
@@ -144,6 +210,12 @@ class Slide:
             raise SlideError(
                 f"{path}: cannot be opened as a slide ({'; '.join(errors)}); "
                 f"check it is a complete whole-slide file ({size} bytes) in a format OpenSlide or tiffslide reads"
+            )
+        if max(self.dimensions) > MAX_SIDE_PX:
+            self.close()
+            raise SlideError(
+                f"{path}: claims {self.dimensions[0]}x{self.dimensions[1]} px, beyond any slide scanner; "
+                "the header is damaged, copy the slide again (or re-export it)"
             )
         self._mpp_source, self._mpp = self._find_mpp()
 
@@ -241,7 +313,7 @@ class Slide:
         if self._mpp is None:
             raise MPPError(
                 f"{self.path}: no trustworthy MPP in the file (no vendor MPP, no microscopy resolution tags); "
-                "pass mpp= (CLI: --mpp 0.25) or add an 'mpp' column to the slide list"
+                "pass mpp= (CLI: --slide-mpp 0.25 to tile/run, --mpp to info/heatmap) or add an 'mpp' column to the slide list"
             )
         return self._mpp
 
@@ -282,8 +354,10 @@ class Slide:
             else:
                 arr = np.asarray(self._handle.read_region((x, y), level, (w, h)))
         except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise SlideError(
-                f"{self.path}: failed to read {w}x{h} px at ({x}, {y}) level {level}: {exc}"
+                f"{self.path}: failed to read {w}x{h} px at ({x}, {y}) level {level} ({reason}); "
+                "the file may be damaged there, copy the slide again"
             ) from exc
         return _to_rgb(arr)
 

@@ -20,7 +20,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from wsikit.jobs import BatchSummary, SlideEntry, StageResult, Status, atomic_path, run_batch
+from wsikit.jobs import (
+    BatchSummary,
+    SlideEntry,
+    StageResult,
+    Status,
+    atomic_path,
+    clear_stale_temps,
+    run_batch,
+)
 from wsikit.slide import Slide, same_mpp
 from wsikit.tiling import (
     TileGrid,
@@ -101,7 +109,8 @@ def save_tile_images(
     with atomic_path(dest) as tmp:
         tmp.mkdir()
         with ThreadPoolExecutor(workers or allotted_cpus()) as pool:
-            list(pool.map(lambda i: one(i, tmp), range(len(grid))))
+            for lo in range(0, len(grid), 1024):  # Executor.map submits all at once: bound the futures
+                list(pool.map(lambda i: one(i, tmp), range(lo, min(len(grid), lo + 1024))))
     source.close()
     return dest
 
@@ -112,13 +121,15 @@ MANIFEST_COLUMNS = ("path", "label", "patient_id", "slide_id", "x", "y", "tissue
 def _write_slide_manifest(folder: Path, grid: TileGrid, entry: SlideEntry, fmt: str) -> Path:
     """``<folder>.csv``: one row per tile image, with the slide list's label and patient id."""
     label, patient = entry.label or "", entry.patient_id or ""
-    rows = [
+    rows = (  # streamed: no per-tile Python rows held
         [f"{folder.name}/{grid.slide_id}_x{x}_y{y}.{fmt}", label, patient, grid.slide_id, x, y, f"{f:.4f}"]
-        for (x, y), f in zip(grid.coords.tolist(), grid.tissue_fraction.tolist(), strict=True)
-    ]
+        for (x, y), f in zip(grid.coords, grid.tissue_fraction, strict=True)
+    )
     dest = folder.with_suffix(".csv")
     with atomic_path(dest) as tmp, open(tmp, "w", newline="") as fh:
-        csv.writer(fh).writerows([MANIFEST_COLUMNS, *rows])
+        writer = csv.writer(fh)
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows(rows)
     return dest
 
 
@@ -132,10 +143,15 @@ def write_patch_manifest(job_dir: str | os.PathLike, spec_name: str) -> Path | N
     parts = sorted(p for p in folder.glob("*.csv") if p.name != "manifest.csv")
     if not parts:
         return None
-    rows = [row for p in parts for row in list(csv.reader(p.open(newline="")))[1:]]
     dest = folder / "manifest.csv"
     with atomic_path(dest) as tmp, open(tmp, "w", newline="") as fh:
-        csv.writer(fh).writerows([MANIFEST_COLUMNS, *rows])
+        writer = csv.writer(fh)
+        writer.writerow(MANIFEST_COLUMNS)
+        for part in parts:  # streamed row by row: every slide's tiles are never in memory at once
+            with part.open(newline="") as src:
+                reader = csv.reader(src)
+                next(reader, None)
+                writer.writerows(reader)
     return dest
 
 
@@ -198,6 +214,10 @@ def tile_one(entry: SlideEntry, job_dir: str | os.PathLike, cfg: TileConfig) -> 
         seconds["grid"] = time.perf_counter() - t
         t = time.perf_counter()
         outputs = []
+        qc_out = job / "qc" / f"{entry.slide_id}.png"
+        paths = [grid_path(job, grid.spec, entry.slide_id) for grid in grids]
+        for dest in [geojson_out, qc_out, *paths]:  # a killed run's leftovers (we hold the slide's lock)
+            clear_stale_temps(dest)
         if mask_source == "computed":
             outputs.append(str(write_geojson(geojson_out, mask)))
         elif user_mask.resolve() != geojson_out.resolve():  # type: ignore[union-attr]
@@ -205,12 +225,16 @@ def tile_one(entry: SlideEntry, job_dir: str | os.PathLike, cfg: TileConfig) -> 
             with atomic_path(geojson_out) as tmp:
                 shutil.copyfile(user_mask, tmp)  # type: ignore[arg-type]
             outputs.append(str(geojson_out))
-        for grid in grids:
-            path = grid_path(job, grid.spec, entry.slide_id)
+        for grid, path in zip(grids, paths, strict=True):
             grid.attrs["savetodir"] = str(path.parent)
             grid.attrs["mask_source"] = mask_source
             outputs.append(str(write_grid(path, grid)))
-            if not len(grid) and not mask.empty:
+            if not len(grid) and grid.size_level0 > min(slide.dimensions):
+                warnings.append(
+                    f"SLIDE SMALLER THAN A TILE: {'x'.join(map(str, slide.dimensions))} px, but a "
+                    f"{grid.spec.name} tile spans {grid.size_level0} px; no tiles (use a smaller --tile-size)"
+                )
+            elif not len(grid) and not mask.empty:
                 warnings.append(f"no tiles kept at {grid.spec.name} (min tissue {cfg.min_tissue:g})")
             if cfg.save_tiles:
                 dest = job / "patches" / grid.spec.name / entry.slide_id
@@ -218,7 +242,7 @@ def tile_one(entry: SlideEntry, job_dir: str | os.PathLike, cfg: TileConfig) -> 
                 outputs.append(str(_write_slide_manifest(dest, grid, entry, cfg.tile_format)))
         qc_thumb = thumb if max(thumb.shape) >= 1024 else slide.thumbnail(max_side=1024)
         qc = qc_image(qc_thumb, mask, _qc_grids(grids, qc_thumb, slide.dimensions[0]))
-        outputs.append(str(write_png(job / "qc" / f"{entry.slide_id}.png", qc)))
+        outputs.append(str(write_png(qc_out, qc)))
         seconds["write"] = time.perf_counter() - t
         info = {
             "settings": cfg.key(),

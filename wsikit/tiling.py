@@ -276,12 +276,12 @@ class Layout:
             (d - self.size0) // self.stride0 + 1 if d >= self.size0 else 0 for d in dims
         )
 
-    def coords(self, dims: tuple[int, int]) -> np.ndarray:
-        """All tiles' level-0 top-left corners, row-major (y, then x), int64 (N, 2)."""
+    def coords(self, dims: tuple[int, int], cells: np.ndarray | None = None) -> np.ndarray:
+        """Level-0 top-left corners, int64 (N, 2), of the tiles at row-major (y, then x) indices
+        ``cells`` into the full grid (default: all tiles)."""
         nx, ny = self.shape(dims)
-        xs = np.arange(nx, dtype=np.int64) * self.stride0
-        ys = np.arange(ny, dtype=np.int64) * self.stride0
-        return np.stack([np.tile(xs, ny), np.repeat(ys, nx)], axis=1).reshape(-1, 2)
+        cells = np.arange(nx * ny, dtype=np.int64) if cells is None else np.asarray(cells, np.int64)
+        return np.stack([cells % max(nx, 1), cells // max(nx, 1)], axis=1) * self.stride0
 
 
 def nominal_layout(spec: TileSpec, slide_mpp: float) -> Layout:
@@ -328,19 +328,20 @@ def aligned_layouts(specs: list[TileSpec], slide_mpp: float, align: bool = True)
     return layouts
 
 
-def tile_fractions(
-    mask: np.ndarray, scale: tuple[float, float], coords: np.ndarray, size0: int
-) -> np.ndarray:
-    """Exact area fraction of each level-0 square tile covered by a boolean ``mask``.
+#: Tiles handled per vectorised step, so temporaries stay a few MB at any slide size.
+CHUNK = 1 << 14
 
-    ``scale`` = level-0 pixels per mask pixel (x, y). Uses the mask's integral image sampled bilinearly
-    at the tiles' fractional corners, which is exact for a piecewise-constant mask: O(N) vectorised.
-    """
-    coords = np.asarray(coords).reshape(-1, 2)
-    if coords.shape[0] == 0:
-        return np.zeros(0, np.float32)
-    h, w = mask.shape
-    integral = cv2.integral(np.ascontiguousarray(mask, dtype=np.uint8), sdepth=cv2.CV_64F)  # (h+1, w+1)
+
+def mask_integral(mask: np.ndarray) -> np.ndarray:
+    """Integral image (h+1, w+1) of a boolean mask: int32 (exact counts) unless it could overflow."""
+    depth = cv2.CV_32S if mask.size < 2**31 else cv2.CV_64F
+    return cv2.integral(np.ascontiguousarray(mask, dtype=np.uint8), sdepth=depth)
+
+
+def _fractions(
+    integral: np.ndarray, scale: tuple[float, float], coords: np.ndarray, size0: int
+) -> np.ndarray:
+    h, w = integral.shape[0] - 1, integral.shape[1] - 1
     x0 = coords[:, 0] / scale[0]
     y0 = coords[:, 1] / scale[1]
     x1 = (coords[:, 0] + size0) / scale[0]
@@ -359,6 +360,23 @@ def tile_fractions(
     covered = at(x1, y1) - at(x0, y1) - at(x1, y0) + at(x0, y0)
     area = (x1 - x0) * (y1 - y0)
     return np.clip(covered / area, 0.0, 1.0).astype(np.float32)
+
+
+def tile_fractions(
+    mask: np.ndarray, scale: tuple[float, float], coords: np.ndarray, size0: int
+) -> np.ndarray:
+    """Exact area fraction of each level-0 square tile covered by a boolean ``mask``.
+
+    ``scale`` = level-0 pixels per mask pixel (x, y). Uses the mask's integral image sampled bilinearly
+    at the tiles' fractional corners, which is exact for a piecewise-constant mask: O(N) vectorised,
+    in chunks of :data:`CHUNK` tiles.
+    """
+    coords = np.asarray(coords).reshape(-1, 2)
+    integral = mask_integral(mask)
+    out = np.empty(coords.shape[0], np.float32)
+    for lo in range(0, coords.shape[0], CHUNK):
+        out[lo : lo + CHUNK] = _fractions(integral, scale, coords[lo : lo + CHUNK], size0)
+    return out
 
 
 def _parent_cells(
@@ -392,35 +410,49 @@ def build_grids(
         raise TilingError(f"min_tissue must be in [0, 1], got {min_tissue}")
     specs = order_specs(specs)
     layouts = aligned_layouts(specs, slide_mpp, align)
-    full = [lay.coords(dims) for lay in layouts]
+    # per spec, one value per cell of the full grid (tissue fraction, kept); coordinates only of kept
+    # tiles, and temporaries in chunks of CHUNK cells: memory is a few bytes per cell at any slide size
+    counts = [int(np.prod(lay.shape(dims))) for lay in layouts]
     if mask is None:
-        fractions = [np.ones(len(c), np.float32) for c in full]
+        fractions = [np.ones(n, np.float32) for n in counts]
     else:
         if mask_scale is None:
             mask_scale = (dims[0] / mask.shape[1], dims[1] / mask.shape[0])
-        fractions = [
-            tile_fractions(mask, mask_scale, c, lay.size0) for c, lay in zip(full, layouts, strict=True)
-        ]
+        integral = mask_integral(mask)
+        fractions = []
+        for lay, n in zip(layouts, counts, strict=True):
+            f = np.empty(n, np.float32)
+            for lo in range(0, n, CHUNK):
+                cells = np.arange(lo, min(n, lo + CHUNK), dtype=np.int64)
+                f[lo : lo + CHUNK] = _fractions(integral, mask_scale, lay.coords(dims, cells), lay.size0)
+            fractions.append(f)
+        del integral
     keep = [f >= min_tissue for f in fractions]
     if complete_parents:
         for c in range(1, len(specs)):
             for f in range(c):
-                cells = _parent_cells(full[f][keep[f]], layouts[f], layouts[c], dims, align)
-                keep[c][cells[cells >= 0]] = True
-    kept_index = []
-    for k in keep:
-        lut = np.full(len(k), -1, np.int64)
-        lut[k] = np.arange(int(k.sum()), dtype=np.int64)
-        kept_index.append(lut)
+                kept = np.flatnonzero(keep[f])
+                for lo in range(0, len(kept), CHUNK):
+                    coords = layouts[f].coords(dims, kept[lo : lo + CHUNK])
+                    cells = _parent_cells(coords, layouts[f], layouts[c], dims, align)
+                    keep[c][cells[cells >= 0]] = True
+    kept_index = {}  # coarse spec → its kept tile's index per cell (-1: not kept), + -1 for "outside"
+    for c in range(1, len(specs)):
+        lut = np.full(len(keep[c]) + 1, -1, np.int64)
+        lut[:-1][keep[c]] = np.arange(int(keep[c].sum()), dtype=np.int64)
+        kept_index[c] = lut
     grids = []
     for f, spec in enumerate(specs):
-        coords = full[f][keep[f]]
+        kept = np.flatnonzero(keep[f])
+        coords = layouts[f].coords(dims, kept)
         parents = {}
         for c in range(f + 1, len(specs)):
-            cells = _parent_cells(coords, layouts[f], layouts[c], dims, align)
-            lut = np.append(kept_index[c], -1)  # cell -1 (outside the coarse grid) → -1
-            parents[specs[c].name] = lut[cells]
-        grids.append((spec, layouts[f], coords, fractions[f][keep[f]], parents))
+            index = np.empty(len(kept), np.int64)
+            for lo in range(0, len(kept), CHUNK):
+                cells = _parent_cells(coords[lo : lo + CHUNK], layouts[f], layouts[c], dims, align)
+                index[lo : lo + CHUNK] = kept_index[c][cells]
+            parents[specs[c].name] = index
+        grids.append((spec, layouts[f], coords, fractions[f][kept], parents))
     return grids
 
 

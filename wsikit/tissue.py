@@ -137,6 +137,24 @@ def pen_mask(rgb: np.ndarray) -> np.ndarray:
     return red | green | blue
 
 
+#: Rows of the picture handled per step by per-pixel rules (bounded temporaries on large thumbnails).
+STRIP_PIXELS = 1 << 18
+
+
+def by_strips(rgb: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``fn`` (a per-pixel rule: (h, W, 3) → (h, W)) applied in horizontal strips of about
+    :data:`STRIP_PIXELS` pixels, so its float temporaries never span the whole picture."""
+    rows = max(1, STRIP_PIXELS // max(1, rgb.shape[1]))
+    first = fn(rgb[:rows])
+    if rgb.shape[0] <= rows:
+        return first
+    out = np.empty(rgb.shape[:2], first.dtype)
+    out[:rows] = first
+    for y in range(rows, rgb.shape[0], rows):
+        out[y : y + rows] = fn(rgb[y : y + rows])
+    return out
+
+
 def otsu_threshold(values: np.ndarray) -> float:
     """Otsu's threshold of uint8 ``values`` (any shape): pixels ``> t`` form the upper class."""
     hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
@@ -186,20 +204,20 @@ def otsu_mask(rgb: np.ndarray, mpp: float, params: MaskParams) -> tuple[np.ndarr
     px_area = mpp * mpp
     exclude = np.zeros(rgb.shape[:2], bool)
     if p.exclude_pen:  # ink strokes are large; scattered ink-coloured pixels are stain
-        pen = _remove_small(pen_mask(rgb), p.pen_min_um2 / px_area)
+        pen = _remove_small(by_strips(rgb, pen_mask), p.pen_min_um2 / px_area)
         margin = p.px(p.pen_margin_um)
         if margin and pen.any():  # the ink's blurred rim goes with it
             kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (margin, margin))
             pen = cv2.dilate(pen.view(np.uint8), kernel).view(bool)
         exclude |= pen
     if p.exclude_black:
-        exclude |= rgb.max(axis=2) < p.black_max
+        exclude |= by_strips(rgb, lambda s: s.max(axis=2) < p.black_max)
     if p.exclude_white:
-        exclude |= rgb.min(axis=2) > p.white_min
+        exclude |= by_strips(rgb, lambda s: s.min(axis=2) > p.white_min)
     threshold = None
     tissue = np.zeros(rgb.shape[:2], bool)
     if p.channel in ("saturation", "both"):
-        sat = _hsv(rgb)[1]
+        sat = by_strips(rgb, lambda s: cv2.cvtColor(np.ascontiguousarray(s), cv2.COLOR_RGB2HSV_FULL)[..., 1])
         sat = cv2.medianBlur(sat, k) if k else sat
         # Otsu over what may be tissue, so saturated ink does not pull the threshold up
         threshold = float(np.clip(otsu_threshold(sat[~exclude]), p.min_saturation, p.max_saturation))

@@ -245,9 +245,17 @@ def load_manifest(path: str | os.PathLike, class_names: Sequence[str] | None = N
         raise DataError(
             f"{path}: no such manifest; expected a CSV with columns path,label[,patient_id][,split]"
         )
-    with open(path, newline="") as fh:
-        dialect = "excel-tab" if path.suffix.lower() in (".tsv", ".txt") else "excel"
-        rows = list(csv.DictReader(fh, dialect=dialect))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the manifest as UTF-8 "
+            "(e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8)"
+        ) from exc
+    dialect = "excel-tab" if path.suffix.lower() in (".tsv", ".txt") else "excel"
+    rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
     if not rows:
         raise DataError(f"{path}: the manifest has no rows")
     cols = {c.strip().lower(): c for c in rows[0]}
@@ -322,6 +330,17 @@ def _groups(data: ImageSet, image_level: bool) -> np.ndarray:
     return np.asarray(data.patients).astype(str)
 
 
+def _require_classes(data: ImageSet) -> None:
+    """Refuse to split a single-class set for training (patients may have images of several classes)."""
+    present = np.unique(data.labels)
+    if not data.multilabel and present.size < 2:
+        name = data.class_names[int(present[0])] if present.size else None
+        raise DataError(
+            f"{data.source}: every image has class {name!r}; training needs at least 2 classes, "
+            "add images of another class (or check the label column)"
+        )
+
+
 def _strata(data: ImageSet) -> np.ndarray:
     # multi-label sets stratify on their rarest positive label (0 = none), a common approximation
     if not data.multilabel:
@@ -349,6 +368,7 @@ def split_set(
     """
     from wsikit.splits import Fold, SplitError, assert_no_leak, patient_kfold
 
+    _require_classes(data)
     k = max(2, round(1.0 / val_fraction))
     if data.split is not None and (data.split == "train").any():
         parts = {s: np.flatnonzero(data.split == s) for s in ("train", "val", "test")}
@@ -378,6 +398,7 @@ def kfold_set(data: ImageSet, k: int, seed: int = 0, test_fraction: float = 0.0,
     """
     from wsikit.splits import patient_kfold
 
+    _require_classes(data)
     test_idx = None
     if data.split is not None and (data.split == "test").any():
         test_idx = np.flatnonzero(data.split == "test")

@@ -5,14 +5,23 @@ A labels table is a CSV/TSV with ``slide_id``, ``patient_id`` (case) and ``label
 (``<job>/bags/<spec>/<encoder>/<slide_id>.h5|.zarr``) or a folder of bag files (``<slide_id>.h5|.zarr|.pt``,
 any layout :func:`wsikit.bags.read_bag` understands). :class:`BagDataset` reads one bag per item, so a
 thousand slides never sit in memory at once.
+
+Before training, :func:`check_training_data` refuses a set with fewer than two classes and, through
+:func:`check_bags`, every unusable bag at once: unreadable, empty (0 tiles: refused, not skipped),
+features and coordinates of different lengths, NaN/Inf features, or another encoder than the others
+(feature size, ``encoder`` or ``weights_id`` attribute). A patient whose slides carry different labels
+(a tumour and a normal slide of one case) is allowed: splits keep the patient on one side and stratify by
+its most common label; :func:`match_bags` reports such patients.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import os
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +50,7 @@ class LabelsTable:
     labels: list[str]
     class_names: list[str]
     extra: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # merged duplicate rows, patients with mixed labels
 
     @property
     def y(self) -> np.ndarray:
@@ -56,6 +66,7 @@ class LabelsTable:
             pick(self.labels),
             self.class_names,
             {k: pick(v) for k, v in self.extra.items()},
+            self.warnings,
         )
 
 
@@ -68,14 +79,23 @@ def read_labels(
 ) -> LabelsTable:
     """Read and check a labels table; ``classes`` fixes the class order (default: sorted names).
 
-    Refuses missing columns, empty cells, a slide listed twice with different labels or patients, and
-    labels outside ``classes`` (listed with counts). Exact duplicate rows are merged.
+    Refuses text that is not UTF-8, missing columns, empty cells, a slide listed twice with different
+    labels or patients, labels outside ``classes`` (listed with counts) and fewer than two classes. Exact
+    duplicate rows are merged and, like patients with slides of different labels, noted in ``warnings``.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read the labels table ({exc.strerror})") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the table as UTF-8 "
+            "(e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8)"
+        ) from exc
     dialect = "excel-tab" if path.suffix.lower() in (".tsv", ".txt") else "excel"
     rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
     if not rows:
@@ -90,6 +110,7 @@ def read_labels(
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(rows[0])}{hint}")
     seen: dict[str, tuple[str, str]] = {}
     order: list[str] = []
+    merged: list[int] = []
     extra_cols = [c for c in rows[0] if c not in (slide_col, patient_col, label_col)]
     extra: dict[str, list[str]] = {c: [] for c in extra_cols}
     for n, row in enumerate(rows, start=2):
@@ -100,7 +121,10 @@ def read_labels(
             )
         if sid in seen:
             if seen[sid] != (pid, lab):
-                raise DataError(f"{path}:{n}: slide {sid!r} listed twice with different patient or label")
+                raise DataError(
+                    f"{path}:{n}: slide {sid!r} listed twice with different patient or label; keep one row"
+                )
+            merged.append(n)
             continue
         seen[sid] = (pid, lab)
         order.append(sid)
@@ -117,9 +141,34 @@ def read_labels(
             raise DataError(
                 f"{path}: labels not among the classes {class_names}: {listed}; fix the table or --classes"
             )
-    if len(class_names) < 2:
-        raise DataError(f"{path}: need at least 2 classes, found {class_names}")
-    return LabelsTable(path, order, [seen[s][0] for s in order], labels, class_names, extra)
+    present = sorted(set(labels))
+    if len(present) < 2:
+        raise DataError(
+            f"{path}: every slide has label {present[0]!r}; a classifier needs at least 2 classes, "
+            f"add slides of another class (or check --label-col {label_col})"
+        )
+    patients = [seen[s][0] for s in order]
+    notes = (
+        [f"merged {len(merged)} duplicate row(s) (lines {', '.join(map(str, merged[:10]))})"]
+        if merged
+        else []
+    )
+    notes.extend(_mixed_patients(patients, labels))
+    return LabelsTable(path, order, patients, labels, class_names, extra, notes)
+
+
+def _mixed_patients(patients: Sequence[str], labels: Sequence[str]) -> list[str]:
+    per: dict[str, set[str]] = defaultdict(set)
+    for pat, lab in zip(patients, labels, strict=True):
+        per[pat].add(lab)
+    mixed = sorted(p for p, labs in per.items() if len(labs) > 1)
+    if not mixed:
+        return []
+    examples = ", ".join(f"{p} ({'/'.join(sorted(per[p]))})" for p in mixed[:5])
+    return [
+        f"{len(mixed)} patient(s) have slides of different labels, e.g. {examples}; each stays on one side "
+        "of every split, stratified by its most common label"
+    ]
 
 
 def find_bags(
@@ -163,7 +212,7 @@ def match_bags(
     """Keep the labelled slides that have bags; returns (table, bag paths in table order, warnings).
 
     Labelled slides without a bag are an error (listed, with the count) unless ``skip_missing``; bags
-    without a label are reported as a warning.
+    without a label are reported as a warning, followed by the table's own warnings.
     """
     warnings = []
     missing = [s for s in table.slide_ids if s not in bags]
@@ -181,21 +230,166 @@ def match_bags(
         )
     keep = [i for i, s in enumerate(table.slide_ids) if s in bags]
     sub = table.subset(keep)
-    return sub, [bags[s] for s in sub.slide_ids], warnings
+    return sub, [bags[s] for s in sub.slide_ids], [*warnings, *table.warnings]
 
 
 def bag_dims(paths: Sequence[Path]) -> int:
-    """The common feature dimension of the bags; refuses a mix (naming a file of each) or empty bags only."""
-    from wsikit.bags import read_bag_shape
+    """The common feature dimension of the bags, after :func:`check_bags` (every unusable bag named at once)."""
+    report = check_bags(paths)
+    report.raise_for_problems()
+    return int(report.dim)  # type: ignore[arg-type]
 
-    dims: dict[int, Path] = {}
-    for p in paths:
-        _, d = read_bag_shape(p)
-        dims.setdefault(int(d), p)
-    if len(dims) > 1:
-        listed = "; ".join(f"{d}-d e.g. {p}" for d, p in dims.items())
-        raise DataError(f"bags have different feature sizes ({listed}); use bags of one encoder")
-    return next(iter(dims))
+
+@dataclass
+class BagReport:
+    """What :func:`check_bags` found: the common feature size and encoder, and each unusable bag's reasons."""
+
+    paths: list[Path]
+    dim: int | None
+    encoder: dict[str, str]
+    tiles: int
+    problems: dict[Path, list[str]] = field(default_factory=dict)
+
+    def raise_for_problems(self) -> None:
+        """Raise one :class:`DataError` naming every unusable bag with its reasons and the fix."""
+        if not self.problems:
+            return
+        listed = "; ".join(f"{p} ({', '.join(why)})" for p, why in self.problems.items())
+        raise DataError(
+            f"{len(self.problems)} of {len(self.paths)} bags cannot be used: {listed}; drop these slides from "
+            "the labels table or re-extract their bags with one encoder (an empty bag has no tissue tiles: "
+            "drop it, or re-tile with a lower --min-tissue)"
+        )
+
+
+IDENTITY_KEYS = ("encoder", "weights_id")
+_SCAN_BYTES = 1 << 24  # features read per chunk by the NaN/Inf scan
+
+
+@contextlib.contextmanager
+def _bag_arrays(path: Path) -> Iterator[tuple[Any, int | None, dict[str, str]]]:
+    """(features, read lazily by slices; number of coordinates or None; encoder identity attributes)."""
+    if path.is_dir() or path.suffix == ".zarr":
+        import zarr
+
+        group = zarr.open_group(store=str(path), mode="r")
+        arrays = set(group.array_keys())
+        coords = next((group[k] for k in ("coords", "coordinates") if k in arrays), None)
+        yield group["features"], None if coords is None else coords.shape[0], _identity(group.attrs)
+    elif path.suffix in (".pt", ".pth"):
+        value = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if isinstance(value, dict):
+            value = value.get("features", value.get("feats"))
+        yield value, None, {}
+    else:
+        import h5py
+
+        with h5py.File(path, "r") as fh:
+            key = "features" if "features" in fh else "feats"
+            feats = fh[key]
+            n_coords = fh["coords"].shape[0] if "coords" in fh else None
+            yield feats, n_coords, {**_identity(fh.attrs), **_identity(feats.attrs)}
+
+
+def _identity(attrs: Any) -> dict[str, str]:
+    out = {}
+    for key in IDENTITY_KEYS:
+        value = attrs.get(key)
+        if value is not None:
+            out[key] = value.decode() if isinstance(value, bytes) else str(value)
+    return out
+
+
+def _non_finite(features: Any, n: int, dim: int) -> int:
+    """Count NaN/Inf values, reading ``_SCAN_BYTES`` of features at a time."""
+    rows = max(1, _SCAN_BYTES // (4 * max(dim, 1)))
+    bad = 0
+    for start in range(0, n, rows):
+        chunk = features[start : start + rows]
+        chunk = chunk.float().numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk)
+        bad += int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
+    return bad
+
+
+@functools.lru_cache(maxsize=65536)
+def _inspect_bag(
+    path: str, size: int, mtime_ns: int
+) -> tuple[int, int | None, dict[str, str], tuple[str, ...]]:
+    """(tiles, feature size, encoder identity, problems) of one bag; remembered per file version, so the
+    CLI's check and training's own check scan the features once."""
+    del size, mtime_ns  # part of the cache key only
+    try:
+        with _bag_arrays(Path(path)) as (features, n_coords, identity):
+            if features is None or len(features.shape) != 2:
+                shape = None if features is None else tuple(features.shape)
+                return 0, None, {}, (f"features of shape {shape}, not (tiles, dim)",)
+            n, d = (int(v) for v in features.shape)
+            why = []
+            if n == 0:
+                why.append("0 tiles")
+            if n_coords is not None and n_coords != n:
+                why.append(f"{n} feature rows but {n_coords} coordinates")
+            if n and (bad := _non_finite(features, n, d)):
+                why.append(f"{bad} NaN/Inf feature values")
+            return n, d, identity, tuple(why)
+    except Exception as exc:  # every reader raises its own types: name the file and go on
+        return 0, None, {}, (f"unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",)
+
+
+def check_bags(paths: Sequence[Path]) -> BagReport:
+    """Check bags before training, one at a time (features are scanned in chunks, never held whole).
+
+    A bag is unusable when unreadable, empty (0 tiles), when its features and coordinates differ in length,
+    when its feature size or ``encoder``/``weights_id`` attribute differs from most bags', or when its
+    features hold NaN or Inf.
+    """
+    problems: dict[Path, list[str]] = defaultdict(list)
+    dims: dict[Path, int] = {}
+    identities: dict[Path, dict[str, str]] = {}
+    tiles = 0
+    for p in map(Path, paths):
+        try:
+            stat = p.stat()
+        except OSError as exc:
+            problems[p].append(f"unreadable: {exc.strerror}")
+            continue
+        n, d, identity, why = _inspect_bag(str(p), stat.st_size, stat.st_mtime_ns)
+        if why:
+            problems[p].extend(why)
+        if d is not None:
+            dims[p], identities[p] = d, identity
+            tiles += n
+    dim = None
+    if dims:
+        dim = Counter(dims.values()).most_common(1)[0][0]
+        for p, d in dims.items():
+            if d != dim:
+                problems[p].append(f"{d}-d features (different feature sizes: the others are {dim}-d)")
+    encoder: dict[str, str] = {}
+    for key in IDENTITY_KEYS:
+        values = {p: i[key] for p, i in identities.items() if key in i}
+        if not values:
+            continue
+        encoder[key] = Counter(values.values()).most_common(1)[0][0]
+        for p, v in values.items():
+            if v != encoder[key]:
+                problems[p].append(f"{key} {v!r}, the others {encoder[key]!r}")
+    order = {p: i for i, p in enumerate(map(Path, paths))}
+    ordered = dict(sorted(problems.items(), key=lambda kv: order[kv[0]]))
+    return BagReport([Path(p) for p in paths], dim, encoder, tiles, ordered)
+
+
+def check_training_data(table: LabelsTable, paths: Sequence[Path]) -> BagReport:
+    """Refuse, before any training, a set with fewer than two classes or any unusable bag (all named at once)."""
+    present = sorted(set(table.labels))
+    if len(present) < 2:
+        raise DataError(
+            f"{table.path}: the {len(paths)} slides with bags all have label {present[0] if present else None!r}; "
+            "training needs at least 2 classes, add or extract slides of another class"
+        )
+    report = check_bags(paths)
+    report.raise_for_problems()
+    return report
 
 
 def bag_provenance(paths: Sequence[Path], source: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -6,8 +6,9 @@ Run directory::
     <run>/splits.csv             patient-level folds (reused when the run is resumed)
     <run>/fold_<k>/best.pt       best validation epoch, with temperature and threshold fitted on validation
     <run>/fold_<k>/last.pt       last epoch incl. optimizer state (resume point)
-    <run>/fold_<k>/result.json   written last: the fold is done
-    <run>/fold_<k>/predictions_{val,test}.csv, report.{json,md}, roc/pr/reliability PNGs
+    <run>/fold_<k>/result.json   the fold is trained (calibrated, threshold chosen)
+    <run>/fold_<k>/predictions_{val,test}.csv, report.md, roc/pr/reliability PNGs
+    <run>/fold_<k>/report.json   written last: the fold is done
     <run>/predictions_oof.csv    out-of-fold validation predictions of every slide
     <run>/predictions_test.csv   held-out test: ensemble of the folds
     <run>/report.{json,md}       per-fold mean ± std, test ensemble with bootstrap CIs; PNGs for the test set
@@ -41,7 +42,7 @@ from wsikit.metrics import (
     jsonable,
     summarize_folds,
 )
-from wsikit.mil.data import BagDataset, LabelsTable, first_item
+from wsikit.mil.data import BagDataset, LabelsTable, check_training_data, first_item
 from wsikit.mil.evaluate import (
     CHECKPOINT_FORMAT,
     headline_keys,
@@ -366,6 +367,7 @@ def run_cv(
     """Train and evaluate every fold (or ``only_folds``: one job per fold on a cluster, then a final call
     without it gathers the report); finished folds are skipped, interrupted ones resume."""
     cfg.check()
+    check_training_data(table, bag_paths)  # every unusable bag named before any fold starts
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {
@@ -398,22 +400,23 @@ def run_cv(
     todo = range(len(folds)) if only_folds is None else only_folds
     for k in todo:
         fold_dir = run_dir / f"fold_{k}"
-        if (fold_dir / "result.json").is_file():
+        if (fold_dir / "report.json").is_file():  # written last: the fold is trained and evaluated
             continue
         fold = folds[k]
-        train_fold(
-            cfg,
-            dataset(fold.train, train=True),
-            dataset(fold.val),
-            names,
-            in_dim,
-            fold_dir,
-            provenance,
-            on_epoch=(lambda rec, k=k: on_epoch(k, rec)) if on_epoch else None,
-        )
+        if not (fold_dir / "result.json").is_file():  # else killed after training, before its report
+            train_fold(
+                cfg,
+                dataset(fold.train, train=True),
+                dataset(fold.val),
+                names,
+                in_dim,
+                fold_dir,
+                provenance,
+                on_epoch=(lambda rec, k=k: on_epoch(k, rec)) if on_epoch else None,
+            )
         _evaluate_fold(cfg, fold_dir, fold, dataset, y, ids, table)
-    if not all((run_dir / f"fold_{k}" / "result.json").is_file() for k in range(len(folds))):
-        done = [k for k in range(len(folds)) if (run_dir / f"fold_{k}" / "result.json").is_file()]
+    done = [k for k in range(len(folds)) if (run_dir / f"fold_{k}" / "report.json").is_file()]
+    if len(done) < len(folds):
         return {"complete": False, "folds_done": done, "n_folds": len(folds)}
     return _run_report(cfg, run_dir, folds, dataset, y, ids, table)
 
@@ -445,12 +448,12 @@ def _evaluate_fold(cfg, fold_dir, fold, dataset, y, ids, table) -> None:
         )
         if split == "test" or fold.test.size == 0:
             plot_roc_pr_reliability(y[idx], probs, names, fold_dir)
-    write_json(fold_dir / "report.json", jsonable(report))
     from wsikit.metrics import markdown_report
 
     write_markdown(
         fold_dir / "report.md", markdown_report(jsonable(report)).split("\n", 2)[2], title=f"{fold_dir.name}"
     )
+    write_json(fold_dir / "report.json", jsonable(report))  # last: the fold is done
 
 
 def _run_report(cfg, run_dir: Path, folds: list[Fold], dataset, y, ids, table) -> dict[str, Any]:
