@@ -239,7 +239,9 @@ def test_batch_tile_goes_on_past_every_bad_slide(tmp_path, good, pyramids, sampl
 def test_labels_not_utf8_names_the_line(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_bytes("slide_id,patient_id,label\ns1,p1,tumor\ns2,p2,Kn\xf6tchen\n".encode("latin-1"))
-    with pytest.raises(DataError, match=rf"{path}:3: not UTF-8 text \(byte 0xf6\); save the table as UTF-8"):
+    with pytest.raises(
+        DataError, match=rf"{path}:3: not UTF-8 text \(byte 0xf6\); save the labels table as UTF-8"
+    ):
         read_labels(path)
 
 

@@ -114,15 +114,27 @@ def _is_slide(path: Path) -> bool:
     return path.suffix.lower() in SLIDE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _read_slide_table(table: Path) -> list[SlideEntry]:
+def read_table(path: Path, what: str = "table", error: type[Exception] = JobError) -> list[dict[str, str]]:
+    """Rows of a CSV file (tab-separated for .tsv/.txt) as dicts; an unreadable or non-UTF-8 file raises
+    ``error`` naming the file, the line and the fix."""
     try:
-        text = table.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror})") from exc
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise JobError(
-            f"{table}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise error(
+            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the {what} as UTF-8 "
+            "(e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8)"
         ) from exc
-    dialect = "excel-tab" if table.suffix.lower() == ".tsv" else "excel"
-    rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
+    dialect = "excel-tab" if path.suffix.lower() in (".tsv", ".txt") else "excel"
+    return list(csv.DictReader(text.splitlines(), dialect=dialect))
+
+
+def _read_slide_table(table: Path) -> list[SlideEntry]:
+    rows = read_table(table, "slide list")
     if not rows or "path" not in rows[0]:
         cols = ", ".join(rows[0]) if rows else "none"
         raise JobError(f"{table}: a slide list needs a 'path' column (found: {cols})")

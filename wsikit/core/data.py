@@ -13,7 +13,6 @@ set needs ``image_level=True`` and warns.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import warnings
@@ -22,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+from wsikit.jobs import read_table
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -245,17 +246,7 @@ def load_manifest(path: str | os.PathLike, class_names: Sequence[str] | None = N
         raise DataError(
             f"{path}: no such manifest; expected a CSV with columns path,label[,patient_id][,split]"
         )
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise DataError(
-            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the manifest as UTF-8 "
-            "(e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8)"
-        ) from exc
-    dialect = "excel-tab" if path.suffix.lower() in (".tsv", ".txt") else "excel"
-    rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
+    rows = read_table(path, "manifest", DataError)
     if not rows:
         raise DataError(f"{path}: the manifest has no rows")
     cols = {c.strip().lower(): c for c in rows[0]}

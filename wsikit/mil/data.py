@@ -17,7 +17,6 @@ its most common label; :func:`match_bags` reports such patients.
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import os
 from collections import Counter, defaultdict
@@ -29,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from wsikit.jobs import read_table
 
 PROVENANCE_KEYS = (
     "encoder", "encoder_name", "weights_id", "spec", "spec_name", "mpp", "target_mpp", "patch_size",
@@ -84,20 +85,7 @@ def read_labels(
     duplicate rows are merged and, like patients with slides of different labels, noted in ``warnings``.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the labels table ({exc.strerror})") from exc
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise DataError(
-            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the table as UTF-8 "
-            "(e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8)"
-        ) from exc
-    dialect = "excel-tab" if path.suffix.lower() in (".tsv", ".txt") else "excel"
-    rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
+    rows = read_table(path, "labels table", DataError)
     if not rows:
         raise DataError(f"{path}: the labels table is empty")
     missing = [c for c in (slide_col, patient_col, label_col) if c not in rows[0]]
