@@ -4,6 +4,7 @@ All methods run in one process on the same real 256×256 tiles (cut from the bun
 CMU-1-Small-Region.svs), each normalizer fitted once to torchstain's real H&E target image:
 
     .venv/bin/python benchmarks/bench_stain.py [--tiles 128] [--batch 64] [--threads 2] [--rounds 3]
+        [--only macenko]
 
 torchstain normalizes per tile (it re-estimates each tile's Macenko stains, as wsikit's Macenko does);
 StainTools re-estimates each tile's stains for Macenko and Vahadane (SPAMS dictionary learning).
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     ap.add_argument("--staintools-vahadane-tiles", type=int, default=3, help="tiles per round (~1 s each)")
+    ap.add_argument("--only", metavar="WORD", help="time only the rows whose name holds WORD (e.g. macenko)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tiles = real_tiles(args.tiles)
@@ -139,12 +141,15 @@ def main() -> None:
         contenders["wsikit vahadane per-tile learning, cuda"] = (batched(vah_tile, gpu), len(gpu), sync)
         add_wsikit("wsikit reinhard, batch, cuda", rein, gpu, sync)
 
+    if args.only:
+        contenders = {name: c for name, c in contenders.items() if args.only.lower() in name}
     best: dict[str, float] = dict.fromkeys(contenders, float("inf"))
     for fn, _, sync in contenders.values():  # warm-up
         fn()
         sync()
     for _ in range(args.rounds):
         for name, (fn, _, sync) in contenders.items():
+            torch.set_num_threads(args.threads)  # SPAMS (StainTools) resets OpenMP's thread count
             t0 = time.perf_counter()
             fn()
             sync()

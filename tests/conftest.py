@@ -47,6 +47,17 @@ def pyramids(tmp_path_factory, sample_rgb) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def small_slides(tmp_path_factory, sample_rgb) -> list[Path]:
+    """Four small real-tissue pyramids s0…s3 (different 1024-px crops of the bundled slide, 2 levels)."""
+    root = tmp_path_factory.mktemp("small_slides")
+    crops = [(600, 0), (600, 800), (600, 1600), (800, 1900)]
+    return [
+        write_pyramid(root / f"s{i}.svs", sample_rgb[y : y + 1024, x : x + 1024], 0.499, n_levels=2)
+        for i, (x, y) in enumerate(crops)
+    ]
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module: small models on a shared 2-core CPU run many times slower with two

@@ -29,7 +29,6 @@ from wsikit.cli.main import app
 from wsikit.extract import run_extraction, stage_name
 from wsikit.jobs import BatchSummary, read_status, resolve_slides
 from wsikit.pipeline import load_pipeline_config
-from wsikit.pyramid import write_pyramid
 from wsikit.tile_stage import run_tiling
 from wsikit.tiling import read_grid, write_grid
 
@@ -52,17 +51,6 @@ def _seeds(n: int) -> list:
 
 # -- fixtures ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def slides(tmp_path_factory, sample_rgb) -> list[Path]:
-    """Four small real-tissue pyramids (different crops of the bundled slide)."""
-    root = tmp_path_factory.mktemp("fault_slides")
-    crops = [(600, 0), (600, 800), (600, 1600), (800, 1900)]
-    return [
-        write_pyramid(root / f"s{i}.svs", sample_rgb[y : y + 1024, x : x + 1024], 0.499, n_levels=2)
-        for i, (x, y) in enumerate(crops)
-    ]
-
-
-@pytest.fixture(scope="module")
 def config_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fault_cfg") / "pipeline.yaml"
     path.write_text(yaml.safe_dump(CONFIG))
@@ -70,10 +58,10 @@ def config_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiled(tmp_path_factory, slides, config_file) -> Path:
+def tiled(tmp_path_factory, small_slides, config_file) -> Path:
     """An uninterrupted tiling of the four slides."""
     job = tmp_path_factory.mktemp("fault_tiled") / "job"
-    summary = run_tiling(resolve_slides(slides), job, load_pipeline_config(config_file).tile)
+    summary = run_tiling(resolve_slides(small_slides), job, load_pipeline_config(config_file).tile)
     assert len(summary.done) == 4
     return job
 
@@ -178,12 +166,12 @@ def _assert_same_bags(ref: Path, got: Path) -> None:
 
 # -- SIGKILL at random points --------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", _seeds(3))
-def test_sigkill_tile_then_rerun_equals_uninterrupted(tmp_path, seed, slides, config_file, tiled):
+def test_sigkill_tile_then_rerun_equals_uninterrupted(tmp_path, seed, small_slides, config_file, tiled):
     job = tmp_path / "job"
-    args = ["tile", *slides, "--out", job, "--config", config_file]
+    args = ["tile", *small_slides, "--out", job, "--config", config_file]
     # per slide: mask, two grids, QC picture, status record (20 writes in all)
     seen = _kill_at_random(args, job, seed, (1, 13), 0.1)
-    ids = [s.stem for s in slides]
+    ids = [s.stem for s in small_slides]
     _assert_nothing_partial(job, "tile", ids, tiled)
     assert sum(getattr(read_status(job, "tile", i), "state", None) == "done" for i in ids) < 4, seen
     _wsikit_here(args)
@@ -339,10 +327,10 @@ def _own_slides(job: Path, slides: list[Path], folder: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("fault", ["truncate", pytest.param("delete", marks=pytest.mark.slow)])
 def test_slide_file_lost_mid_extraction_fails_and_run_goes_on(
-    tmp_path, fault, slides, tiled, extracted, config_file
+    tmp_path, fault, small_slides, tiled, extracted, config_file
 ):
     job = _copy_job(tiled, tmp_path)
-    copies = _own_slides(job, slides, tmp_path / "slides")
+    copies = _own_slides(job, small_slides, tmp_path / "slides")
     victim = copies["s1"]
     backup = shutil.copy(victim, tmp_path / "backup.svs")
     current: list[str] = []

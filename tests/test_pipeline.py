@@ -22,7 +22,6 @@ from wsikit.cli.main import app
 from wsikit.config import ConfigError
 from wsikit.jobs import read_status
 from wsikit.pipeline import load_pipeline_config
-from wsikit.pyramid import write_pyramid
 
 REPO = Path(__file__).resolve().parents[1]
 WSIKIT = [sys.executable, "-m", "wsikit.cli.main"]
@@ -30,17 +29,6 @@ CONFIG = {
     "tile": {"specs": ["1.0/128/0", "2.0/128/0"], "min_tissue": 0.25},
     "extract": {"encoder": "efficientnet-lite0", "batch_size": 4, "workers": 0},
 }
-
-
-@pytest.fixture(scope="module")
-def small_slides(tmp_path_factory, sample_rgb) -> list[Path]:
-    """Four small real-tissue pyramids (different crops of the bundled slide)."""
-    root = tmp_path_factory.mktemp("slides")
-    crops = [(600, 0), (600, 800), (600, 1600), (800, 1900)]
-    return [
-        write_pyramid(root / f"s{i}.svs", sample_rgb[y : y + 1024, x : x + 1024], 0.499, n_levels=2)
-        for i, (x, y) in enumerate(crops)
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -53,5 +53,5 @@ class HEDJitter:
         alpha = torch.where(skip.view(-1, 1, 1), 1.0, alpha)
         beta = torch.where(skip.view(-1, 1, 1), 0.0, beta)
         y = torch.exp(-(rgb_from_hed.T @ (hed * alpha + beta))).mul_(255.0)
-        out = to_output(y, batch.dtype).view(b, 3, h, w)
+        out = to_output(y, batch.dtype == torch.uint8).view(b, 3, h, w).to(batch.dtype)
         return out[0] if single else out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Union
@@ -107,6 +107,37 @@ def quantize(y: torch.Tensor, as_uint8: bool) -> torch.Tensor:
     return y.clamp(0.0, 255.0) / 255.0
 
 
+CHUNK_PIXELS = 1 << 20  # pixels per transform call on CPU (16 tiles of 256²)
+CACHE_ELEMS = 1 << 18  # float elements per CPU thread and chunk (a 256-px tile's channels): stays in L2
+
+
+def chunk_size(x: torch.Tensor) -> int:
+    """Tiles of x (B,C,N) to process at a time: a cache-sized chunk on CPU, the whole batch elsewhere."""
+    if x.device.type != "cpu":
+        return max(x.shape[0], 1)
+    return max(1, CACHE_ELEMS * torch.get_num_threads() // max(x[0].numel(), 1))
+
+
+def tile_chunks(x: torch.Tensor, skip: torch.Tensor) -> Iterator[slice]:
+    """Cache-sized groups of the tiles of x (B,C,N) (:func:`chunk_size`) as slices; on CPU, groups whose
+    tiles all pass through (``skip``, (B,) bool) are left out."""
+    k = chunk_size(x)
+    todo = (~skip).tolist() if x.device.type == "cpu" else [True] * x.shape[0]
+    for s in range(0, x.shape[0], k):
+        if any(todo[s : s + k]):
+            yield slice(s, s + k)
+
+
+def write_output(out: torch.Tensor, y: torch.Tensor) -> None:
+    """Float pixels y ≥ 0 in 0–255 (modified in place) into ``out``: uint8 (rounded) or float in [0, 1]."""
+    if out.dtype == torch.uint8:
+        # y + 2²³ holds round(y) in its lowest mantissa bits, so its int32 bit pattern narrows to the
+        # rounded byte: cheaper than converting float to uint8 (ties round to even)
+        out.copy_(y.clamp_max_(255.0).add_(8388608.0).view(torch.int32))
+    else:
+        torch.clamp_max(y.mul_(1.0 / 255.0), 1.0, out=out)
+
+
 _FUSED: dict[Callable, Callable] = {}
 
 
@@ -161,30 +192,68 @@ def _is_single(images: Any) -> bool:
 
 
 # -- batched statistics --------------------------------------------------------------------------------
-def masked_quantile(x: torch.Tensor, q: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row ``q`` quantile (0–1, linear interpolation like numpy) of x (B,N) over ``mask``'s pixels.
+def top_values(x: torch.Tensor, k: int, group: int = 8) -> torch.Tensor:
+    """The k largest values of each row of x (B,N), sorted descending (exact).
 
-    Uses a partial sort (``topk``) of the tail nearest ``q``, so the 1st/99th percentiles cost O(N).
-    Rows without valid pixels return 0 (callers pass such tiles through).
+    A row's k largest values all lie in the k groups (of ``group`` neighbours) with the largest maxima, so
+    ``topk`` runs on the groups' maxima and then on those k groups' members instead of on all N values.
+    """
+    b, n = x.shape
+    if 4 * k * group > n:
+        return x.topk(k, dim=1, sorted=True).values
+    if n % group:
+        x = torch.nn.functional.pad(x, (0, -n % group), value=float("-inf"))
+    n_groups = x.shape[1] // group
+    best = torch.nn.functional.max_pool1d(x.unsqueeze(1), group).squeeze(1)
+    idx = best.topk(k, dim=1, sorted=False).indices
+    idx += torch.arange(b, device=x.device).unsqueeze(1) * n_groups
+    members = x.reshape(-1, group).index_select(0, idx.view(-1)).view(b, -1)
+    return members.topk(k, dim=1, sorted=True).values
+
+
+def masked_quantile(x: torch.Tensor, q: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row ``q`` quantile (0–1, linear interpolation like numpy) of x (B,N) over ``mask``'s pixels."""
+    return masked_quantiles(x, (q,), None if mask is None else mask.to(x.dtype))[0]
+
+
+def masked_quantiles(
+    x: torch.Tensor, qs: Sequence[float], weight: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Per-row quantiles ``qs`` of x (B,N) over the pixels whose ``weight`` (0/1 float, (B,N)) is 1.
+
+    Linear interpolation like numpy. Each quantile selects only the tail nearest it (``top_values``), so
+    the 1st/99th percentiles cost O(N). Rows without valid pixels give 0 (callers pass such tiles through).
     """
     b, n_all = x.shape
-    n = mask.sum(1) if mask is not None else torch.full((b,), n_all, device=x.device)
+    n = weight.sum(1) if weight is not None else torch.full((b,), float(n_all), device=x.device)
+    empty = n < 1
     n = n.clamp(min=1).to(x.dtype)
-    pos = q * (n - 1)  # ascending position among valid values
-    largest = q >= 0.5
-    dist = (n - 1 - pos) if largest else pos  # position counted from the tail topk keeps
-    k = min(n_all, int(np.ceil((1 - q if largest else q) * (n_all - 1))) + 2)
-    if mask is not None:
-        fill = float("-inf") if largest else float("inf")
-        x = x.masked_fill(~mask, fill)
-    vals = x.topk(k, dim=1, largest=largest, sorted=True).values
-    lo = dist.floor().long().clamp(0, k - 1)
-    hi = (lo + 1).clamp(max=k - 1)
-    hi = torch.minimum(hi, (n - 1).long().clamp(min=0))
-    frac = (dist - lo.to(x.dtype)).unsqueeze(1)
-    v_lo, v_hi = vals.gather(1, lo.unsqueeze(1)), vals.gather(1, hi.unsqueeze(1))
-    out = (v_lo + (v_hi - v_lo) * frac).squeeze(1)
-    return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+    k = max(min(n_all, int(np.ceil(min(q, 1 - q) * (n_all - 1))) + 2) for q in qs)
+    if weight is None and len(qs) == 1 and qs[0] >= 0.5:
+        tails = x.unsqueeze(0)
+    else:  # each q's tail as the largest values of a row: x, or −x for the smallest; invalid pixels → −max
+        tails = torch.empty((len(qs), b, n_all), dtype=x.dtype, device=x.device)
+        skip = weight.sub(1.0).mul_(torch.finfo(x.dtype).max) if weight is not None else None
+        for q, tail in zip(qs, tails, strict=True):
+            sign = 1.0 if q >= 0.5 else -1.0
+            if skip is None:
+                torch.mul(x, sign, out=tail)
+            else:
+                torch.add(skip, x, alpha=sign, out=tail)
+    vals = top_values(tails.view(-1, n_all), k).view(len(qs), b, k)
+    out = []
+    for q, v in zip(qs, vals, strict=True):
+        largest = q >= 0.5
+        pos = q * (n - 1)  # ascending position among valid values
+        dist = (n - 1 - pos) if largest else pos  # position counted from the tail kept
+        lo = dist.floor().long().clamp(0, k - 1)
+        hi = torch.minimum((lo + 1).clamp(max=k - 1), (n - 1).long().clamp(min=0))
+        frac = (dist - lo.to(x.dtype)).unsqueeze(1)
+        v_lo, v_hi = v.gather(1, lo.unsqueeze(1)), v.gather(1, hi.unsqueeze(1))
+        r = (v_lo + (v_hi - v_lo) * frac).squeeze(1)
+        r = torch.where(empty, 0.0, r if largest else -r)
+        out.append(torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0))
+    return out
 
 
 def _linear_rgb(v: torch.Tensor) -> torch.Tensor:
@@ -241,12 +310,13 @@ class Normalizer:
         """Stain statistics of pooled pixels (1,3,N), as JSON-able lists (the ``target``/``source`` form)."""
         raise NotImplementedError
 
-    def transform(self, x: torch.Tensor, as_uint8: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalized pixels (B,3,N) (``to_output``'s form) and (B,) bool: tiles to pass through."""
+    def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Normalize pixels x (B,3,N) into ``out`` (B,3,N): uint8, or float in [0, 1]. Returns (B,) bool:
+        tiles to pass through (their ``out`` may be left unwritten; ``normalize`` copies them)."""
         raise NotImplementedError
 
     def compile(self, enabled: bool = True) -> Normalizer:
-        """Run the per-pixel work as one fused ``torch.compile`` kernel (several times faster on CPU and GPU).
+        """Run the per-pixel work as one fused ``torch.compile`` kernel (faster, most for Vahadane).
 
         The first call compiles (seconds to a minute; cached on disk for later processes), so enable it for
         long runs such as feature extraction. If compilation fails, a warning is given and eager code runs.
@@ -254,17 +324,27 @@ class Normalizer:
         self.compiled = enabled
         return self
 
-    def kernel(self, eager: Callable[..., torch.Tensor], fast: Callable[..., torch.Tensor], *args: Any):
-        """Call the fused form of a pixel kernel when ``compiled``, else the eager one."""
+    def kernel(
+        self,
+        eager: Callable[..., None],
+        fast: Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        out: torch.Tensor,
+        skip: torch.Tensor,
+        *args: Any,
+    ) -> None:
+        """Run a pixel kernel into ``out``: the fused form when ``compiled``, else the eager one (which
+        leaves out cache-sized groups of tiles that all pass through, ``skip``)."""
         if self.compiled:
             try:
-                return fused(fast)(*args)
+                out.copy_(fused(fast)(x, *args, out.dtype == torch.uint8))
+                return
             except Exception as exc:  # compilers missing or failing must not stop a run
                 import warnings
 
                 warnings.warn(f"stain: torch.compile failed ({one_line(exc)}); running eager", stacklevel=3)
                 self.compiled = False
-        return eager(*args)
+        eager(x, out, skip, *args)
 
     # -- public API
     @classmethod
@@ -290,10 +370,28 @@ class Normalizer:
         b, _, h, w = x.shape
         if b == 0:
             return batch, torch.zeros(0, dtype=torch.bool, device=batch.device)
-        y, passed = self.transform(x.reshape(b, 3, h * w), batch.dtype == torch.uint8)
-        out = y.view(b, 3, h, w).to(batch.dtype)
-        if bool(passed.any()):  # tiles with too little tissue come back exactly as given
-            out[passed] = (batch.unsqueeze(0) if single else batch)[passed]
+        # on CPU a few tiles per call: temporaries stay small, cached, and are not returned to the OS
+        step = max(1, CHUNK_PIXELS // (h * w)) if x.device.type == "cpu" else b
+        out = torch.empty(x.shape, dtype=batch.dtype, device=x.device)
+        # kernels write uint8 or float32; other float types go through a float32 buffer
+        work = out if out.dtype in (torch.uint8, torch.float32) else torch.empty(x.shape, device=x.device)
+        given = batch.unsqueeze(0) if single else batch
+        flags = []
+        for s in range(0, b, step):
+            n = min(step, b - s)
+            oi = work[s : s + n]
+            pi = self.transform(x[s : s + n].reshape(n, 3, h * w), oi.view(n, 3, h * w))
+            if bool(pi.any()):  # tiles with too little tissue come back exactly as given
+                idx = pi.nonzero().squeeze(1)
+                if x.device.type == "cpu":  # tile by tile: memcpy speed, unlike uint8 index_copy_
+                    for i in idx.tolist():
+                        oi[i].copy_(given[s + i])
+                else:
+                    oi.index_copy_(0, idx, given[s : s + n].index_select(0, idx))
+            flags.append(pi)
+        passed = torch.cat(flags)
+        if work is not out:
+            out.copy_(work)
         self.counts["tiles"] += b
         self.counts["passed_through"] += int(passed.sum())
         return (out[0], passed[0]) if single else (out, passed)

@@ -21,13 +21,15 @@ from wsikit.stain.base import (
     Normalizer,
     Params,
     StainError,
-    lookup,
+    chunk_size,
     luminosity_mask,
     masked_quantile,
+    masked_quantiles,
     order_he,
     quantize,
     register,
-    to_output,
+    tile_chunks,
+    write_output,
 )
 
 
@@ -47,25 +49,25 @@ class MacenkoParams(Params):
 
 
 def optical_density(x: torch.Tensor, io: float) -> torch.Tensor:
-    """OD of pixels (B,3,N) (uint8, or float 0–255) as the Macenko reference code computes it."""
-    return lookup(x, lambda v: -torch.log((v + 1.0) / io), ("macenko_od", io))
+    """OD = −log((I+1)/Io) of pixels (B,3,N) (uint8, or float 0–255) as float32, as the reference code."""
+    od = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    return od.copy_(x).add_(1.0).div_(io).log_().neg_()
 
 
 def stain_vectors(
     od: torch.Tensor, mask: torch.Tensor, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batched Macenko estimate: stain matrices (B,3,2) [H, E columns], tissue counts (B,), ok (B,) bool."""
+    """Batched Macenko estimate from od (B,3,N) and tissue mask (B,N) (bool or 0/1 float).
+
+    Returns stain matrices (B,3,2) [H, E columns], tissue counts (B,), ok (B,) bool.
+    """
     b = od.shape[0]
-    w = mask.to(od.dtype).unsqueeze(1)
-    n = w.sum(2).squeeze(1)
+    w = mask if mask.is_floating_point() else mask.to(od.dtype)
+    n = w.sum(1)
     n1 = n.clamp(min=1).view(-1, 1, 1)
-    sums = od @ w.transpose(1, 2)  # (B,3,1)
-    mean = sums / n1
-    centre = mean.detach()
-    xc = (od - centre) * w  # centred for float32 accuracy
-    cov = (xc @ xc.transpose(1, 2) - (mean - centre) @ (mean - centre).transpose(1, 2) * n1) / (n1 - 1).clamp(
-        min=1
-    )
+    mean = (w.unsqueeze(1) @ od.transpose(1, 2)).transpose(1, 2) / n1  # (B,3,1)
+    xc = (od - mean).mul_(w.unsqueeze(1))  # centred for float32 accuracy
+    cov = xc @ xc.transpose(1, 2) / (n1 - 1).clamp(min=1)
     ok = (n >= 3) & torch.isfinite(cov).flatten(1).all(1)
     eye = torch.eye(3, dtype=od.dtype, device=od.device).expand(b, 3, 3)
     cov = torch.where(ok.view(-1, 1, 1), cov, eye)
@@ -75,8 +77,7 @@ def stain_vectors(
     v = torch.cat((v[:, :, :1], v[:, :, 1:] * sign), dim=2)
     proj = v.transpose(1, 2) @ od  # (B,2,N)
     phi = torch.atan2(proj[:, 1], proj[:, 0])
-    lo = masked_quantile(phi, alpha / 100.0, mask)
-    hi = masked_quantile(phi, 1.0 - alpha / 100.0, mask)
+    lo, hi = masked_quantiles(phi, (alpha / 100.0, 1.0 - alpha / 100.0), w)
     v_lo = (v @ torch.stack((lo.cos(), lo.sin()), 1).unsqueeze(2)).squeeze(2)
     v_hi = (v @ torch.stack((hi.cos(), hi.sin()), 1).unsqueeze(2)).squeeze(2)
     he = order_he(v_lo, v_hi)
@@ -90,9 +91,19 @@ def max_concentrations(c: torch.Tensor, percentile: float) -> torch.Tensor:
     return masked_quantile(c.reshape(b * 2, -1), percentile / 100.0).view(b, 2)
 
 
-def apply_eager(x: torch.Tensor, m: torch.Tensor, io: float, as_uint8: bool) -> torch.Tensor:
-    """io·exp(−m·OD(x)) per pixel: x (B,3,N), m (B,3,3) = target stains · scale · source unmixing."""
-    return to_output(torch.bmm(-m, optical_density(x, io)).exp_(), as_uint8, gain=io)
+def apply_eager(x: torch.Tensor, out: torch.Tensor, skip: torch.Tensor, m: torch.Tensor, io: float) -> None:
+    """io·exp(−m·OD(x)) per pixel into ``out``: x (B,3,N), m (B,3,3) = target stains · scale · source unmixing.
+
+    Computed as exp2(m·log2(x+1) + (1 − Σⱼ mᵢⱼ)·log2 io), in place on cache-sized groups of tiles.
+    """
+    bias = (1.0 - m.sum(2, keepdim=True)) * math.log2(io)
+    k = min(chunk_size(x), x.shape[0])
+    lg, z = torch.empty((2, k, 3, x.shape[2]), device=x.device)
+    for t in tile_chunks(x, skip):
+        xi = x[t]
+        li, zi = lg[: len(xi)], z[: len(xi)]
+        li.copy_(xi).add_(1.0).log2_()
+        write_output(out[t], torch.bmm(m[t], li, out=zi).add_(bias[t]).exp2_())
 
 
 def apply_fused(x: torch.Tensor, m: torch.Tensor, io: float, as_uint8: bool) -> torch.Tensor:
@@ -114,7 +125,7 @@ class MacenkoNormalizer(Normalizer):
     def _tissue(self, od: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.params.tissue == "luminosity":
             return luminosity_mask(x, 0.8)
-        return od.amin(1) >= self.params.beta
+        return od.amin(1).ge_(self.params.beta)  # 0/1 float
 
     def estimate(self, x: torch.Tensor) -> dict[str, Any]:
         p = self.params
@@ -136,7 +147,7 @@ class MacenkoNormalizer(Normalizer):
             "tissue_fraction": frac,
         }
 
-    def transform(self, x: torch.Tensor, as_uint8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         p = self.params
         dev = x.device
         b = x.shape[0]
@@ -159,4 +170,5 @@ class MacenkoNormalizer(Normalizer):
         passed = passed | ~good
         scale = torch.where(good.view(-1, 1), ref_max / src_max.clamp(min=1e-6), 1.0)
         m = (ref.unsqueeze(0) * scale.unsqueeze(1)) @ unmix  # (B,3,3): one product per pixel
-        return self.kernel(apply_eager, apply_fused, x, m.contiguous(), p.io, as_uint8), passed
+        self.kernel(apply_eager, apply_fused, x, out, passed, m.contiguous(), p.io)
+        return passed

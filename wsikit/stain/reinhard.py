@@ -14,7 +14,16 @@ from typing import Any
 
 import torch
 
-from wsikit.stain.base import Normalizer, Params, StainError, _linear_rgb, lookup, quantize, register
+from wsikit.stain.base import (
+    Normalizer,
+    Params,
+    StainError,
+    _linear_rgb,
+    lookup,
+    quantize,
+    register,
+    tile_chunks,
+)
 
 _RGB2XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
 _WHITE = (0.950456, 1.0, 1.088754)  # D65
@@ -76,7 +85,7 @@ class ReinhardNormalizer(Normalizer):
         mean, std = lab_stats(lab)
         return {"lab_mean": mean[0].tolist(), "lab_std": std[0].tolist(), "tissue_fraction": frac}
 
-    def transform(self, x: torch.Tensor, as_uint8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         p = self.params
         dev = x.device
         b = x.shape[0]
@@ -91,8 +100,24 @@ class ReinhardNormalizer(Normalizer):
         passed = passed | ~good
         gain = torch.where(good.view(-1, 1), self.tensor("lab_std", dev) / std.clamp(min=1e-3), 1.0)
         shift = self.tensor("lab_mean", dev) - mean * gain
-        args = (x, gain.unsqueeze(2).contiguous(), shift.unsqueeze(2).contiguous(), as_uint8)
-        return self.kernel(apply, apply, *args), passed
+        self.kernel(
+            apply_eager,
+            apply,
+            x,
+            out,
+            passed,
+            gain.unsqueeze(2).contiguous(),
+            shift.unsqueeze(2).contiguous(),
+        )
+        return passed
+
+
+def apply_eager(
+    x: torch.Tensor, out: torch.Tensor, skip: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor
+) -> None:
+    """``apply`` into ``out`` on cache-sized groups of tiles."""
+    for t in tile_chunks(x, skip):
+        out[t].copy_(apply(x[t], gain[t], shift[t], out.dtype == torch.uint8))
 
 
 def apply(x: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor, as_uint8: bool) -> torch.Tensor:

@@ -35,7 +35,8 @@ from wsikit.stain.base import (
     order_he,
     quantize,
     register,
-    to_output,
+    tile_chunks,
+    write_output,
 )
 from wsikit.stain.macenko import stain_vectors
 
@@ -89,11 +90,13 @@ def nn_lasso(od: torch.Tensor, w: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def apply_eager(
-    x: torch.Tensor, ws: torch.Tensor, wr: torch.Tensor, lam: float, as_uint8: bool
-) -> torch.Tensor:
-    """255·exp(−W_ref·diag(scale)·c) with c the source concentrations: ws (B,3,2) source, wr (B,3,2) scaled target."""
-    c = nn_lasso(optical_density(x), ws, lam)
-    return to_output(torch.bmm(-wr, c).exp_(), as_uint8, gain=255.0)
+    x: torch.Tensor, out: torch.Tensor, skip: torch.Tensor, ws: torch.Tensor, wr: torch.Tensor, lam: float
+) -> None:
+    """255·exp(−W_ref·diag(scale)·c) into ``out``, c the source concentrations: ws (B,3,2) source, wr (B,3,2)
+    scaled target. Runs on cache-sized groups of tiles."""
+    for t in tile_chunks(x, skip):
+        c = nn_lasso(optical_density(x[t]), ws[t], lam)
+        write_output(out[t], torch.bmm(-wr[t], c).exp_().mul_(255.0))
 
 
 def apply_fused(
@@ -175,7 +178,7 @@ class VahadaneNormalizer(Normalizer):
             "tissue_fraction": frac,
         }
 
-    def transform(self, x: torch.Tensor, as_uint8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         p = self.params
         dev = x.device
         b = x.shape[0]
@@ -197,5 +200,5 @@ class VahadaneNormalizer(Normalizer):
             good.view(-1, 1), self.tensor("max_concentrations", dev) / src_max.clamp(min=1e-6), 1.0
         )
         wr = (ref.unsqueeze(0) * scale.unsqueeze(1)).contiguous()
-        args = (x, ws.contiguous(), wr, p.lambda_conc, as_uint8)
-        return self.kernel(apply_eager, apply_fused, *args), passed
+        self.kernel(apply_eager, apply_fused, x, out, passed, ws.contiguous(), wr, p.lambda_conc)
+        return passed
