@@ -9,6 +9,7 @@ seed interrupts a different place; the first seed of each stage runs in ``make t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import shutil
@@ -282,6 +283,27 @@ def test_disk_full_while_writing_a_bag_fails_the_slide_cleanly(tmp_path, tiled, 
         assert np.array_equal(bag.features, ref[key].features), key
     assert len(_extract_here(job, config_file, retry_failed=True).done) == 4  # the limit lifted
     _assert_same_bags(extracted, job)
+
+
+def test_disk_full_while_writing_a_zarr_bag_fails_the_slide_cleanly(tmp_path, tiled, config_file):
+    """A Zarr bag is a folder of chunk files: a file-size limit below one feature chunk fails each slide
+    with the same one-line disk error, leaves no temporary folder, and a rerun without it completes."""
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+
+    job = _copy_job(tiled, tmp_path)
+    result = _wsikit(_extract_args(job, config_file, "--format", "zarr"), preexec_fn=limit_file_size)
+    assert result.returncode == 1, result.stderr
+    for i in range(4):
+        error = read_status(job, EXTRACT, f"s{i}").error
+        assert "could not write a bag there (File too large): is the disk full" in error, error
+    assert not _hidden(job) and not list((job / "bags").rglob("*.zarr"))
+    cfg = dataclasses.replace(load_pipeline_config(config_file).extract, fmt="zarr")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        summary = run_extraction(job, cfg, retry_failed=True)
+    assert len(summary.done) == 4 and len(list((job / "bags").rglob("*.zarr"))) == 12
 
 
 def test_disk_full_while_writing_a_status_record_stops_with_one_line(

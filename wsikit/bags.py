@@ -14,6 +14,7 @@ slideflow layouts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -145,6 +146,18 @@ def _chunk_rows(dim: int, itemsize: int) -> int:
 
 
 # -- writing -------------------------------------------------------------------------------------------
+_DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _disk_error(path: Path, exc: BaseException) -> BagError:
+    """A write error as a one-line :class:`BagError`, saying what to check when the disk or a limit is full."""
+    hint = "is the disk full, or a file-size limit (ulimit -f) reached?"
+    if not (isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS):
+        hint = "check the folder is writable"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return BagError(f"{path.parent}: could not write a bag there ({reason}): {hint}")
+
+
 class _WriteGuard:
     """The file under h5py's ``fileobj`` driver: it keeps the first write error (disk full, file-size
     limit) from HDF5, which cannot close a file after a failed write (the handle leaks and the process
@@ -165,10 +178,7 @@ class _WriteGuard:
 
     def check(self) -> None:
         if self.error is not None:
-            raise BagError(
-                f"{self.path.parent}: could not write a bag there ({self.error.strerror}): "
-                "is the disk full, or a file-size limit (ulimit -f) reached?"
-            ) from self.error
+            raise _disk_error(self.path, self.error) from self.error
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -293,10 +303,14 @@ class BagWriter:
         try:
             if exc_type is None:
                 self._finish()
-        except BaseException:
+        except BaseException as err:
             self._stack.__exit__(*sys.exc_info())
-            raise
+            if not isinstance(err, OSError):
+                raise
+            raise _disk_error(self.path, err) from err
         self._stack.__exit__(exc_type, exc, tb)
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:  # zarr writes chunks as it goes
+            raise _disk_error(self.path, exc) from exc
 
     # writing -----------------------------------------------------------------------------------------
     def append(self, features: np.ndarray, coords: np.ndarray, tile_index: np.ndarray | None = None) -> None:
