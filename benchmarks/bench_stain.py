@@ -1,10 +1,15 @@
 """Stain normalization throughput: wsikit (batched) vs torchstain and StainTools (one tile at a time).
 
-All methods run in one process on the same real 256×256 tiles (cut from the bundled H&E slide
+All methods run in one benchmark on the same real 256×256 tiles (cut from the bundled H&E slide
 CMU-1-Small-Region.svs), each normalizer fitted once to torchstain's real H&E target image:
 
     .venv/bin/python benchmarks/bench_stain.py [--tiles 128] [--batch 64] [--threads 2] [--rounds 3]
-        [--only macenko]
+        [--only macenko] [--one-process]
+
+Each contender runs in a worker process of its own, in a steady state as in a pipeline, and the main
+process asks them in turn. In one process they disturb each other: SPAMS (inside StainTools) and
+torch.compile's kernels bring further OpenMP runtimes whose threads compete with torch's, and after the
+other normalizers have run, batched Macenko at 2 threads ran at half its rate (``--one-process`` shows it).
 
 torchstain normalizes per tile (it re-estimates each tile's Macenko stains, as wsikit's Macenko does);
 StainTools re-estimates each tile's stains for Macenko and Vahadane (SPAMS dictionary learning).
@@ -17,12 +22,9 @@ from one run, not absolute rates across runs. A CUDA device, if present, is time
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads (SPAMS, torch) must not spin
-
 import argparse
 import copy
+import multiprocessing as mp
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +53,128 @@ def real_tiles(n: int, size: int = 256) -> np.ndarray:
     return np.stack(tiles)
 
 
+Contender = tuple[Callable[[], object], int, Callable[[], None]]  # normalize k tiles, k, sync
+LIBRARIES = ("wsikit", "torchstain", "staintools")
+
+
+def build(library: str, args: argparse.Namespace) -> dict[str, Callable[[], Contender]]:
+    """One library's contenders by name, each built (fitted, compiled, warmed up) only when called."""
+    torch.set_num_threads(args.threads)
+    tiles = real_tiles(args.tiles)
+    target = load_image(TARGET) if TARGET.is_file() else tiles[0]
+    batch = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
+    chw = [torch.from_numpy(t).permute(2, 0, 1).contiguous() for t in tiles]
+    factories: dict[str, Callable[[], Contender]] = {}
+
+    def batched(norm, data: torch.Tensor) -> Callable[[], object]:
+        return lambda: [norm(data[i : i + args.batch]) for i in range(0, len(data), args.batch)]
+
+    def add_wsikit(
+        name: str, make, data: torch.Tensor = batch, sync=lambda: None, k: int | None = None
+    ) -> None:
+        n = k or len(data)
+        factories[name] = lambda: (batched(make(), data[:n]), n, sync)
+        if args.compile and k is None:
+
+            def compiled() -> Contender:
+                fused = copy.copy(make()).compile()
+                t0 = time.perf_counter()
+                fused(data[: args.batch])
+                sync()
+                print(f"  {name}: torch.compile warm-up {time.perf_counter() - t0:.1f} s (once per process)")
+                return batched(fused, data), len(data), sync
+
+            factories[f"{name}, compiled"] = compiled
+
+    def vahadane_for_slide():
+        t0 = time.perf_counter()
+        norm = fit_normalizer("vahadane", target).for_slide(batch[:16])
+        print(f"  wsikit vahadane for_slide on 16 tiles: {time.perf_counter() - t0:.3f} s (once per slide)")
+        return norm
+
+    def per_tile(make, items: list, k: int) -> Callable[[], Contender]:
+        def factory() -> Contender:
+            norm = make()
+            return (lambda: [norm(t) for t in items[:k]]), k, lambda: None
+
+        return factory
+
+    if library == "wsikit":
+        devices = [("", batch, lambda: None)]
+        if torch.cuda.is_available():
+            devices.append((", cuda", batch.cuda(), torch.cuda.synchronize))
+        for suffix, data, sync in devices:
+            add_wsikit(
+                f"wsikit macenko (per tile), batch{suffix}",
+                lambda: fit_normalizer("macenko", target),
+                data,
+                sync,
+            )
+            add_wsikit(f"wsikit vahadane apply, batch{suffix}", vahadane_for_slide, data, sync)
+            add_wsikit(
+                f"wsikit vahadane per-tile learning, batch{suffix}",
+                lambda: fit_normalizer("vahadane", target, source="tile"),
+                data,
+                sync,
+                k=64,
+            )
+            add_wsikit(
+                f"wsikit reinhard, batch{suffix}", lambda: fit_normalizer("reinhard", target), data, sync
+            )
+    elif library == "torchstain":
+        try:
+            from torchstain.torch.normalizers import TorchMacenkoNormalizer, TorchReinhardNormalizer
+        except ImportError:
+            print("  torchstain not installed: its rows are skipped")
+            return factories
+
+        def fitted(cls, **kw):
+            norm = cls()
+            norm.fit(torch.from_numpy(target).permute(2, 0, 1))
+            return lambda t: norm.normalize(t, **kw)
+
+        factories["torchstain macenko (torch), per tile"] = per_tile(
+            lambda: fitted(TorchMacenkoNormalizer, stains=False), chw, 32
+        )
+        factories["torchstain reinhard (torch), per tile"] = per_tile(
+            lambda: fitted(TorchReinhardNormalizer), chw, 32
+        )
+    elif library == "staintools":
+        try:
+            import staintools
+        except ImportError:
+            print("  staintools not installed: its rows are skipped")
+            return factories
+
+        def fitted_st(method: str):
+            norm = staintools.StainNormalizer(method)
+            norm.fit(target.copy())
+            return lambda t: norm.transform(t.copy())
+
+        factories["staintools macenko, per tile"] = per_tile(lambda: fitted_st("macenko"), list(tiles), 8)
+        factories["staintools vahadane, per tile"] = per_tile(
+            lambda: fitted_st("vahadane"), list(tiles), args.staintools_vahadane_tiles
+        )
+    return factories
+
+
+def time_one(contender: Contender, threads: int) -> float:
+    fn, _, sync = contender
+    torch.set_num_threads(threads)  # SPAMS (StainTools) resets OpenMP's thread count
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def worker(library: str, name: str, args: argparse.Namespace, conn) -> None:
+    """One contender's own process: builds it, then times one call per message."""
+    contender = build(library, args)[name]()
+    conn.send(contender[1])
+    while conn.recv() is not None:
+        conn.send(time_one(contender, args.threads))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiles", type=int, default=128)
@@ -60,101 +184,41 @@ def main() -> None:
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     ap.add_argument("--staintools-vahadane-tiles", type=int, default=3, help="tiles per round (~1 s each)")
     ap.add_argument("--only", metavar="WORD", help="time only the rows whose name holds WORD (e.g. macenko)")
+    ap.add_argument(
+        "--one-process", action="store_true", help="all contenders in this process (interference)"
+    )
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    tiles = real_tiles(args.tiles)
-    target = load_image(TARGET) if TARGET.is_file() else tiles[0]
-    batch = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
-    chw = [torch.from_numpy(t).permute(2, 0, 1).contiguous() for t in tiles]
-    print(f"{len(tiles)} real 256×256 tiles, batch {args.batch}, {torch.get_num_threads()} threads")
+    print(f"{args.tiles} real 256×256 tiles, batch {args.batch}, {args.threads} threads, "
+          f"{'one process' if args.one_process else 'one process per contender'}")  # fmt: skip
 
-    # name -> (function normalizing k tiles, k, sync)
-    contenders: dict[str, tuple[Callable[[], object], int, Callable[[], None]]] = {}
-
-    def batched(norm, data: torch.Tensor) -> Callable[[], object]:
-        return lambda: [norm(data[i : i + args.batch]) for i in range(0, len(data), args.batch)]
-
-    def add_wsikit(name: str, norm, data: torch.Tensor = batch, sync=lambda: None) -> None:
-        contenders[name] = (batched(norm, data), len(data), sync)
-        if args.compile:
-            fused = copy.copy(norm).compile()
-            t0 = time.perf_counter()
-            fused(data[: args.batch])
-            sync()
-            print(f"  {name}: torch.compile warm-up {time.perf_counter() - t0:.1f} s (once per process)")
-            contenders[f"{name}, compiled"] = (batched(fused, data), len(data), sync)
-
-    mac = fit_normalizer("macenko", target)
-    add_wsikit("wsikit macenko (per tile), batch", mac)
-    vah = fit_normalizer("vahadane", target)
-    t0 = time.perf_counter()
-    vah_slide = vah.for_slide(batch[:16])
-    print(f"  wsikit vahadane for_slide on 16 tiles: {time.perf_counter() - t0:.3f} s (once per slide)")
-    add_wsikit("wsikit vahadane apply, batch", vah_slide)
-    vah_tile = fit_normalizer("vahadane", target, source="tile")
-    contenders["wsikit vahadane per-tile learning, batch"] = (batched(vah_tile, batch[:64]), 64, lambda: None)
-    rein = fit_normalizer("reinhard", target)
-    add_wsikit("wsikit reinhard, batch", rein)
-    try:
-        from torchstain.torch.normalizers import TorchMacenkoNormalizer, TorchReinhardNormalizer
-
-        ts = TorchMacenkoNormalizer()
-        ts.fit(torch.from_numpy(target).permute(2, 0, 1))
-        contenders["torchstain macenko (torch), per tile"] = (
-            lambda: [ts.normalize(t, stains=False) for t in chw[:32]],
-            32,
-            lambda: None,
-        )
-        tr = TorchReinhardNormalizer()
-        tr.fit(torch.from_numpy(target).permute(2, 0, 1))
-        contenders["torchstain reinhard (torch), per tile"] = (
-            lambda: [tr.normalize(t) for t in chw[:32]],
-            32,
-            lambda: None,
-        )
-    except ImportError:
-        print("  torchstain not installed: its rows are skipped")
-    try:
-        import staintools
-
-        st_mac = staintools.StainNormalizer("macenko")
-        st_mac.fit(target.copy())
-        contenders["staintools macenko, per tile"] = (
-            lambda: [st_mac.transform(t.copy()) for t in tiles[:8]],
-            8,
-            lambda: None,
-        )
-        st_vah = staintools.StainNormalizer("vahadane")
-        st_vah.fit(target.copy())
-        k = args.staintools_vahadane_tiles
-        contenders["staintools vahadane, per tile"] = (
-            lambda: [st_vah.transform(t.copy()) for t in tiles[:k]],
-            k,
-            lambda: None,
-        )
-    except ImportError:
-        print("  staintools not installed: its rows are skipped")
-    if torch.cuda.is_available():
-        gpu, sync = batch.cuda(), torch.cuda.synchronize
-        add_wsikit("wsikit macenko (per tile), batch, cuda", mac, gpu, sync)
-        add_wsikit("wsikit vahadane apply, batch, cuda", vah_slide, gpu, sync)
-        contenders["wsikit vahadane per-tile learning, cuda"] = (batched(vah_tile, gpu), len(gpu), sync)
-        add_wsikit("wsikit reinhard, batch, cuda", rein, gpu, sync)
-
-    if args.only:
-        contenders = {name: c for name, c in contenders.items() if args.only.lower() in name}
-    best: dict[str, float] = dict.fromkeys(contenders, float("inf"))
-    for fn, _, sync in contenders.values():  # warm-up
-        fn()
-        sync()
+    runners: dict[str, Callable[[], float]] = {}  # name -> time one call
+    sizes: dict[str, int] = {}
+    conns = []
+    for library in LIBRARIES:
+        for name, make in build(library, args).items():
+            if args.only and args.only.lower() not in name:
+                continue
+            if args.one_process:
+                contender = make()
+                sizes[name] = contender[1]
+                runners[name] = lambda c=contender: time_one(c, args.threads)
+            else:  # started one after the other, so their set-up lines print in order
+                here, there = mp.get_context("spawn").Pipe()
+                mp.get_context("spawn").Process(
+                    target=worker, args=(library, name, args, there), daemon=True
+                ).start()
+                sizes[name] = here.recv()
+                conns.append(here)
+                runners[name] = lambda c=here: (c.send(True), c.recv())[1]
+    best = dict.fromkeys(runners, float("inf"))
+    for run in runners.values():  # warm-up
+        run()
     for _ in range(args.rounds):
-        for name, (fn, _, sync) in contenders.items():
-            torch.set_num_threads(args.threads)  # SPAMS (StainTools) resets OpenMP's thread count
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    rates = {name: contenders[name][1] / best[name] for name in contenders}
+        for name, run in runners.items():
+            best[name] = min(best[name], run())
+    for conn in conns:
+        conn.send(None)
+    rates = {name: sizes[name] / best[name] for name in runners}
     print(f"Throughput (best of {args.rounds} round-robin rounds)")
     for name, rate in rates.items():
         print(f"  {name:<48} {rate:9.1f} tiles/s")
