@@ -93,6 +93,8 @@ def build(library: str, args: argparse.Namespace) -> dict[str, Callable[[], Cont
         return norm
 
     def per_tile(make, items: list, k: int) -> Callable[[], Contender]:
+        k = min(k, len(items))
+
         def factory() -> Contender:
             norm = make()
             return (lambda: [norm(t) for t in items[:k]]), k, lambda: None
