@@ -18,7 +18,8 @@ import errno
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections import ChainMap
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -561,27 +562,42 @@ def _read_pt(path: Path, slide_mpp: float | None) -> Bag:
     return Bag(features, np.full((n, 2), -1, np.int64), attrs)
 
 
-def read_bag_shape(path: str | os.PathLike) -> tuple[int, int]:
-    """(N, D) of a bag without reading its features (``.pt`` files are memory-mapped)."""
+@contextlib.contextmanager
+def open_features(path: str | os.PathLike) -> Iterator[tuple[Any, int | None, Mapping[str, Any]]]:
+    """A bag's features without loading them (an h5/zarr array read by slices, a memory-mapped ``.pt``
+    tensor), its number of coordinates (None when the file holds none) and its attributes."""
     path = Path(path)
     if path.is_dir() or path.suffix == ".zarr":
         import zarr
 
         group = zarr.open_group(store=str(path), mode="r")
-        return tuple(group["features"].shape)  # type: ignore[return-value]
-    if path.suffix in (".pt", ".pth"):
+        arrays = set(group.array_keys())
+        coords = next((group[k] for k in ("coords", "coordinates") if k in arrays), None)
+        yield group["features"], None if coords is None else coords.shape[0], dict(group.attrs)
+    elif path.suffix in (".pt", ".pth"):
         import torch
 
         value = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return tuple(value.shape)  # type: ignore[return-value]
-    import h5py
+        if isinstance(value, dict):
+            value = value.get("features", value.get("feats"))
+        yield value, None, {}
+    else:
+        import h5py
 
-    try:
-        with h5py.File(path, "r") as fh:
-            key = "features" if "features" in fh else "feats"
-            return tuple(fh[key].shape)  # type: ignore[return-value]
-    except (OSError, KeyError) as exc:
-        raise BagError(f"{path}: not a feature bag ({exc})") from exc
+        try:
+            fh = h5py.File(path, "r")
+            feats = fh["features" if "features" in fh else "feats"]
+        except (OSError, KeyError) as exc:
+            raise BagError(f"{path}: not a feature bag ({exc})") from exc
+        with fh:
+            n_coords = fh["coords"].shape[0] if "coords" in fh else None
+            yield feats, n_coords, ChainMap(feats.attrs, fh.attrs)  # read lazily, features' first
+
+
+def read_bag_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """(N, D) of a bag without reading its features (``.pt`` files are memory-mapped)."""
+    with open_features(path) as (features, _, _):
+        return tuple(features.shape)  # type: ignore[return-value]
 
 
 def iter_bags(folder: str | os.PathLike) -> Iterator[Path]:

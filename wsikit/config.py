@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from wsikit.jobs import read_text
+
 T = TypeVar("T")
 
 
@@ -26,20 +28,11 @@ class ConfigError(ValueError):
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping; a missing file, bad YAML or a non-mapping gives one clear line."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    text = read_text(path, "config", ConfigError)
     try:
-        raw = path.read_bytes()
-        data = yaml.safe_load(raw.decode("utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such config file") from exc
-    except OSError as exc:
-        raise ConfigError(
-            f"{path}: cannot read the config ({exc.strerror}); give a readable YAML file"
-        ) from exc
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(
-            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save it as UTF-8"
-        ) from exc
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

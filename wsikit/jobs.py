@@ -114,23 +114,28 @@ def _is_slide(path: Path) -> bool:
     return path.suffix.lower() in SLIDE_EXTENSIONS and not path.name.startswith(".")
 
 
-def read_table(path: Path, what: str = "table", error: type[Exception] = JobError) -> list[dict[str, str]]:
-    """Rows of a CSV file (tab-separated for .tsv/.txt) as dicts; an unreadable or non-UTF-8 file raises
-    ``error`` naming the file, the line and the fix."""
+def read_text(path: Path, what: str = "file", error: type[Exception] = JobError) -> str:
+    """A UTF-8 text file's contents; an unreadable or non-UTF-8 file raises ``error`` naming the file, the
+    line and the fix."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise error(f"{path}: cannot read the {what} ({exc.strerror})") from exc
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
+        excel = "'CSV UTF-8' in Excel, or " if path.suffix.lower() in (".csv", ".tsv", ".txt") else ""
         raise error(
             f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the {what} as UTF-8 "
-            "(e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8)"
+            f"(e.g. {excel}iconv -f latin1 -t utf-8)"
         ) from exc
+
+
+def read_table(path: Path, what: str = "table", error: type[Exception] = JobError) -> list[dict[str, str]]:
+    """Rows of a CSV file (tab-separated for .tsv/.txt) as dicts, read by :func:`read_text`."""
     dialect = "excel-tab" if path.suffix.lower() in (".tsv", ".txt") else "excel"
-    return list(csv.DictReader(text.splitlines(), dialect=dialect))
+    return list(csv.DictReader(read_text(path, what, error).splitlines(), dialect=dialect))
 
 
 def _read_slide_table(table: Path) -> list[SlideEntry]:

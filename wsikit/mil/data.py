@@ -16,11 +16,10 @@ its most common label; :func:`match_bags` reports such patients.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from wsikit.bags import open_features
 from wsikit.jobs import read_table
 
 PROVENANCE_KEYS = (
@@ -254,31 +254,6 @@ IDENTITY_KEYS = ("encoder", "weights_id")
 _SCAN_BYTES = 1 << 24  # features read per chunk by the NaN/Inf scan
 
 
-@contextlib.contextmanager
-def _bag_arrays(path: Path) -> Iterator[tuple[Any, int | None, dict[str, str]]]:
-    """(features, read lazily by slices; number of coordinates or None; encoder identity attributes)."""
-    if path.is_dir() or path.suffix == ".zarr":
-        import zarr
-
-        group = zarr.open_group(store=str(path), mode="r")
-        arrays = set(group.array_keys())
-        coords = next((group[k] for k in ("coords", "coordinates") if k in arrays), None)
-        yield group["features"], None if coords is None else coords.shape[0], _identity(group.attrs)
-    elif path.suffix in (".pt", ".pth"):
-        value = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if isinstance(value, dict):
-            value = value.get("features", value.get("feats"))
-        yield value, None, {}
-    else:
-        import h5py
-
-        with h5py.File(path, "r") as fh:
-            key = "features" if "features" in fh else "feats"
-            feats = fh[key]
-            n_coords = fh["coords"].shape[0] if "coords" in fh else None
-            yield feats, n_coords, {**_identity(fh.attrs), **_identity(feats.attrs)}
-
-
 def _identity(attrs: Any) -> dict[str, str]:
     out = {}
     for key in IDENTITY_KEYS:
@@ -307,7 +282,8 @@ def _inspect_bag(
     CLI's check and training's own check scan the features once."""
     del size, mtime_ns  # part of the cache key only
     try:
-        with _bag_arrays(Path(path)) as (features, n_coords, identity):
+        with open_features(path) as (features, n_coords, attrs):
+            identity = _identity(attrs)
             if features is None or len(features.shape) != 2:
                 shape = None if features is None else tuple(features.shape)
                 return 0, None, {}, (f"features of shape {shape}, not (tiles, dim)",)
