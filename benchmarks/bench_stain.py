@@ -4,12 +4,15 @@ All methods run in one benchmark on the same real 256×256 tiles (cut from the b
 CMU-1-Small-Region.svs), each normalizer fitted once to torchstain's real H&E target image:
 
     .venv/bin/python benchmarks/bench_stain.py [--tiles 128] [--batch 64] [--threads 2] [--rounds 3]
-        [--only macenko] [--one-process]
+        [--min-seconds 0.5] [--only macenko] [--one-process]
 
-Each contender runs in a worker process of its own, in a steady state as in a pipeline, and the main
-process asks them in turn. In one process they disturb each other: SPAMS (inside StainTools) and
-torch.compile's kernels bring further OpenMP runtimes whose threads compete with torch's, and after the
-other normalizers have run, batched Macenko at 2 threads ran at half its rate (``--one-process`` shows it).
+Each contender runs in a worker process of its own and the main process asks them in turn. A turn is one
+untimed call, then timed calls for at least ``--min-seconds``: a steady state, as in a pipeline. Both
+matter on this VM: CPUs that sat idle for a fraction of a second take 10–50 ms to come back up to speed
+(a 5 ms numpy loop takes 10 / 23 / 47 ms after 0.1 / 0.5 / 2 s of idling), so one short timed call right
+after the other contenders' turns showed batched Macenko at half its rate. In one process
+(``--one-process``) SPAMS (inside StainTools) and torch.compile's kernels also bring further OpenMP
+runtimes whose threads compete with torch's.
 
 torchstain normalizes per tile (it re-estimates each tile's Macenko stains, as wsikit's Macenko does);
 StainTools re-estimates each tile's stains for Macenko and Vahadane (SPAMS dictionary learning).
@@ -160,13 +163,20 @@ def build(library: str, args: argparse.Namespace) -> dict[str, Callable[[], Cont
     return factories
 
 
-def time_one(contender: Contender, threads: int) -> float:
+def time_one(contender: Contender, threads: int, min_seconds: float) -> float:
+    """Seconds per call in a steady state: one untimed call first (this VM's CPUs take 10–50 ms to come
+    back up to speed after the other contenders' turns), then calls until ``min_seconds`` have passed."""
     fn, _, sync = contender
     torch.set_num_threads(threads)  # SPAMS (StainTools) resets OpenMP's thread count
-    t0 = time.perf_counter()
     fn()
     sync()
-    return time.perf_counter() - t0
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        sync()
+        calls += 1
+        if (elapsed := time.perf_counter() - t0) >= min_seconds:
+            return elapsed / calls
 
 
 def worker(library: str, name: str, args: argparse.Namespace, conn) -> None:
@@ -174,7 +184,7 @@ def worker(library: str, name: str, args: argparse.Namespace, conn) -> None:
     contender = build(library, args)[name]()
     conn.send(contender[1])
     while conn.recv() is not None:
-        conn.send(time_one(contender, args.threads))
+        conn.send(time_one(contender, args.threads, args.min_seconds))
 
 
 def main() -> None:
@@ -183,6 +193,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--min-seconds", type=float, default=0.5, help="timed calls per turn last at least this")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     ap.add_argument("--staintools-vahadane-tiles", type=int, default=3, help="tiles per round (~1 s each)")
     ap.add_argument("--only", metavar="WORD", help="time only the rows whose name holds WORD (e.g. macenko)")
@@ -203,7 +214,7 @@ def main() -> None:
             if args.one_process:
                 contender = make()
                 sizes[name] = contender[1]
-                runners[name] = lambda c=contender: time_one(c, args.threads)
+                runners[name] = lambda c=contender: time_one(c, args.threads, args.min_seconds)
             else:  # started one after the other, so their set-up lines print in order
                 here, there = mp.get_context("spawn").Pipe()
                 mp.get_context("spawn").Process(
@@ -213,15 +224,13 @@ def main() -> None:
                 conns.append(here)
                 runners[name] = lambda c=here: (c.send(True), c.recv())[1]
     best = dict.fromkeys(runners, float("inf"))
-    for run in runners.values():  # warm-up
-        run()
     for _ in range(args.rounds):
         for name, run in runners.items():
             best[name] = min(best[name], run())
     for conn in conns:
         conn.send(None)
     rates = {name: sizes[name] / best[name] for name in runners}
-    print(f"Throughput (best of {args.rounds} round-robin rounds)")
+    print(f"Throughput (best of {args.rounds} round-robin turns of ≥ {args.min_seconds} s each)")
     for name, rate in rates.items():
         print(f"  {name:<48} {rate:9.1f} tiles/s")
 

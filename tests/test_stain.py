@@ -99,6 +99,42 @@ def test_float_input_in_unit_range(fitted, tiles, method):
         norm(tiles.float())
 
 
+@pytest.mark.parametrize("source", ["tile", "slide"])
+@pytest.mark.parametrize("tile_pixels", [16_384, 0])
+def test_macenko_cpu_table_kernels_match_torch_kernels(images, tiles, source, tile_pixels):
+    """uint8 on CPU runs wsikit.stain.cpu (lookups, numpy, threads); float runs the torch code: same result,
+    same pass-through, and the same at 1 and 2 threads (2 groups of tiles in threads)."""
+    norm = fit_normalizer("macenko", images["torchstain_target.png"], source=source, tile_pixels=tile_pixels)
+    norm = norm.for_slide(tiles)
+    white = torch.full((1, 3, 256, 256), 245, dtype=torch.uint8)
+    batch = torch.cat([tiles[:3], white, tiles[3:]])
+    out, passed = norm.normalize(batch)
+    ref, ref_passed = norm.normalize(batch.float() / 255.0)
+    assert passed.tolist() == ref_passed.tolist() and passed.tolist() == [i == 3 for i in range(len(batch))]
+    assert int(((ref * 255.0).round().int() - out.int()).abs().max()) <= 1
+    assert torch.equal(out[3], white[0])
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(norm(batch), out)
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("scale", [0.5, 40.0])
+def test_cpu_mix_exp_folds_bias_only_within_float32_range(scale):
+    from wsikit.stain import cpu
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, 3, 300), dtype=np.uint8)
+    m = (rng.normal(size=(2, 3, 3)) * scale).astype(np.float32)
+    bias = (1.0 - m.astype(np.float64).sum(2)) * np.log(240.0)
+    want = np.exp(m.astype(np.float64) @ np.log(x + 1.0) + bias[:, :, None])
+    out = np.zeros_like(x)
+    cpu.mix_exp(x, out, m, bias, np.array([False, True]))
+    assert np.abs(out[0] - np.clip(np.rint(want[0]), 0, 255)).max() <= 1
+    assert not out[1].any()  # skipped tiles are left alone
+
+
 @pytest.mark.parametrize("method", ["macenko", "reinhard", "vahadane"])
 def test_batch_equals_one_tile_at_a_time(images, tiles, method):
     norm = fit_normalizer(method, images["torchstain_target.png"], source="tile")
@@ -237,6 +273,21 @@ def test_masked_quantile_matches_numpy():
     np.testing.assert_allclose(
         masked_quantile(x, 0.99).numpy(), np.percentile(x.numpy(), 99, axis=1), rtol=1e-5
     )
+
+
+def test_cpu_quantiles_match_numpy():
+    from wsikit.stain import cpu
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 1001)).astype(np.float32)
+    n = np.array([1001, 500, 3, 1, 0])
+    filled = np.where(np.arange(1001) < n[:, None], x, np.inf).astype(np.float32)
+    filled.sort(axis=1)
+    lo, hi = cpu.sorted_quantiles(filled, n, (0.01, 0.99))
+    for r in range(4):
+        np.testing.assert_allclose([lo[r], hi[r]], np.quantile(x[r, : n[r]], [0.01, 0.99]), rtol=1e-6)
+    assert lo[4] == hi[4] == 0.0  # no values: 0, and the tile passes through
+    np.testing.assert_allclose(cpu.row_quantile(x.copy(), 0.99), np.quantile(x, 0.99, axis=1), rtol=1e-6)
 
 
 def test_two_stain_nonnegative_lasso_is_exact():

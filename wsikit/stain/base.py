@@ -315,6 +315,11 @@ class Normalizer:
         tiles to pass through (their ``out`` may be left unwritten; ``normalize`` copies them)."""
         raise NotImplementedError
 
+    def chunk_pixels(self, x: torch.Tensor) -> int:
+        """Pixels per ``transform`` call on CPU: a few tiles, so temporaries stay small, cached, and are not
+        returned to the OS between calls."""
+        return CHUNK_PIXELS
+
     def compile(self, enabled: bool = True) -> Normalizer:
         """Run the per-pixel work as one fused ``torch.compile`` kernel (faster, most for Vahadane).
 
@@ -370,8 +375,7 @@ class Normalizer:
         b, _, h, w = x.shape
         if b == 0:
             return batch, torch.zeros(0, dtype=torch.bool, device=batch.device)
-        # on CPU a few tiles per call: temporaries stay small, cached, and are not returned to the OS
-        step = max(1, CHUNK_PIXELS // (h * w)) if x.device.type == "cpu" else b
+        step = max(1, self.chunk_pixels(x) // (h * w)) if x.device.type == "cpu" else b
         out = torch.empty(x.shape, dtype=batch.dtype, device=x.device)
         # kernels write uint8 or float32; other float types go through a float32 buffer
         work = out if out.dtype in (torch.uint8, torch.float32) else torch.empty(x.shape, device=x.device)

@@ -11,12 +11,15 @@ reference code (Io=240, α=1, β=0.15), as torchstain does.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from wsikit.stain import cpu
 from wsikit.stain.base import (
     Normalizer,
     Params,
@@ -61,28 +64,48 @@ def stain_vectors(
 
     Returns stain matrices (B,3,2) [H, E columns], tissue counts (B,), ok (B,) bool.
     """
-    b = od.shape[0]
     w = mask if mask.is_floating_point() else mask.to(od.dtype)
     n = w.sum(1)
     n1 = n.clamp(min=1).view(-1, 1, 1)
     mean = (w.unsqueeze(1) @ od.transpose(1, 2)).transpose(1, 2) / n1  # (B,3,1)
     xc = (od - mean).mul_(w.unsqueeze(1))  # centred for float32 accuracy
-    cov = xc @ xc.transpose(1, 2) / (n1 - 1).clamp(min=1)
-    ok = (n >= 3) & torch.isfinite(cov).flatten(1).all(1)
-    eye = torch.eye(3, dtype=od.dtype, device=od.device).expand(b, 3, 3)
-    cov = torch.where(ok.view(-1, 1, 1), cov, eye)
-    _, vecs = torch.linalg.eigh(cov)
-    v = vecs[:, :, 1:3]  # second and first principal directions
-    sign = torch.where(v[:, :, 1].sum(1) < 0, -1.0, 1.0).view(-1, 1, 1)  # leading one points into OD > 0
-    v = torch.cat((v[:, :, :1], v[:, :, 1:] * sign), dim=2)
+    v, ok = stain_plane(xc @ xc.transpose(1, 2) / (n1 - 1).clamp(min=1), n)
     proj = v.transpose(1, 2) @ od  # (B,2,N)
     phi = torch.atan2(proj[:, 1], proj[:, 0])
     lo, hi = masked_quantiles(phi, (alpha / 100.0, 1.0 - alpha / 100.0), w)
+    he, finite = plane_stains(v, lo, hi)
+    return he, n, ok & finite
+
+
+def stain_plane(cov: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plane of the two leading eigenvectors of OD covariances (B,3,3) of n (B,) tissue pixels: (B,3,2)
+    [second, first] with the first pointing into OD > 0, and ok (B,) (enough pixels, finite)."""
+    ok = (n >= 3) & torch.isfinite(cov).flatten(1).all(1)
+    eye = torch.eye(3, dtype=cov.dtype, device=cov.device).expand_as(cov)
+    _, vecs = torch.linalg.eigh(torch.where(ok.view(-1, 1, 1), cov, eye))
+    v = vecs[:, :, 1:3].float()  # second and first principal directions
+    sign = torch.where(v[:, :, 1].sum(1) < 0, -1.0, 1.0).view(-1, 1, 1)
+    return torch.cat((v[:, :, :1], v[:, :, 1:] * sign), dim=2), ok
+
+
+def plane_stains(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stain matrices (B,3,2) [H, E] from the plane v (B,3,2) and the extreme angles lo, hi (B,) in it, and
+    whether they are finite (B,)."""
+    lo, hi = lo.to(v.dtype), hi.to(v.dtype)
     v_lo = (v @ torch.stack((lo.cos(), lo.sin()), 1).unsqueeze(2)).squeeze(2)
     v_hi = (v @ torch.stack((hi.cos(), hi.sin()), 1).unsqueeze(2)).squeeze(2)
     he = order_he(v_lo, v_hi)
-    ok &= torch.isfinite(he).flatten(1).all(1)
-    return he, n, ok
+    return he, torch.isfinite(he).flatten(1).all(1)
+
+
+def recolour(
+    ref: torch.Tensor, ref_max: torch.Tensor, unmix: torch.Tensor, src_max: torch.Tensor, passed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel matrices (B,3,3) = target stains · (target / source max concentrations) · source unmixing,
+    and ``passed`` widened to tiles whose source maxima are unusable."""
+    good = (src_max > 1e-6).all(1) & torch.isfinite(src_max).all(1)
+    scale = torch.where(good.view(-1, 1), ref_max / src_max.clamp(min=1e-6), 1.0)
+    return ((ref.unsqueeze(0) * scale.unsqueeze(1)) @ unmix).contiguous(), passed | ~good
 
 
 def max_concentrations(c: torch.Tensor, percentile: float) -> torch.Tensor:
@@ -149,6 +172,8 @@ class MacenkoNormalizer(Normalizer):
 
     def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         p = self.params
+        if self._tables(x):
+            return self._transform_tables(x, out)
         dev = x.device
         b = x.shape[0]
         xs = p.subsample(x)  # per-tile estimates use a regular pixel subsample
@@ -156,19 +181,106 @@ class MacenkoNormalizer(Normalizer):
         mask = self._tissue(od, xs)
         n_px = od.shape[2]
         ref = self.tensor("stain_matrix", dev).T  # (3,2)
-        ref_max = self.tensor("max_concentrations", dev)
         if self.source is not None:
-            unmix = torch.linalg.pinv(self.tensor("stain_matrix", dev, "source").T).expand(b, 2, 3)
-            src_max = self.tensor("max_concentrations", dev, "source").expand(b, 2)
+            unmix, src_max = self._source(dev, b)
             passed = mask.sum(1) < p.min_tissue * n_px
         else:
             he, n, ok = stain_vectors(od, mask, p.alpha)
             passed = ~ok | (n < max(p.min_tissue * n_px, 3))
             unmix = torch.linalg.pinv(torch.where(passed.view(-1, 1, 1), ref.expand_as(he), he))
             src_max = max_concentrations(unmix @ od, p.max_percentile)
-        good = (src_max > 1e-6).all(1) & torch.isfinite(src_max).all(1)
-        passed = passed | ~good
-        scale = torch.where(good.view(-1, 1), ref_max / src_max.clamp(min=1e-6), 1.0)
-        m = (ref.unsqueeze(0) * scale.unsqueeze(1)) @ unmix  # (B,3,3): one product per pixel
-        self.kernel(apply_eager, apply_fused, x, out, passed, m.contiguous(), p.io)
+        m, passed = recolour(ref, self.tensor("max_concentrations", dev), unmix, src_max, passed)
+        self.kernel(apply_eager, apply_fused, x, out, passed, m, p.io)
         return passed
+
+    def _tables(self, x: torch.Tensor) -> bool:
+        """Whether x runs on the CPU table kernels (uint8 on CPU, OD tissue rule, not compiled)."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.uint8
+            and self.params.tissue == "od"
+            and not self.compiled
+        )
+
+    def chunk_pixels(self, x: torch.Tensor) -> int:
+        # the table kernels keep per-call work (threads, the per-tile algebra) small next to the pixels
+        return cpu.CHUNK_PIXELS if self._tables(x) else super().chunk_pixels(x)
+
+    def _source(self, dev: torch.device, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slide-level source estimate as unmixing (b,2,3) and max concentrations (b,2)."""
+        unmix = torch.linalg.pinv(self.tensor("stain_matrix", dev, "source").T).expand(b, 2, 3)
+        return unmix, self.tensor("max_concentrations", dev, "source").expand(b, 2)
+
+    def _transform_tables(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``transform`` for uint8 tiles on CPU (``wsikit.stain.cpu``): the same estimate and result, with OD
+        from a lookup table and exact percentiles by numpy's sort and selection. Each pass over the pixels
+        runs on groups of tiles in threads; the small per-tile algebra between passes runs once, batched."""
+        p = self.params
+        dev = x.device
+        k = x.shape[0]
+        od_table, w_table, inf_table = _lookup_tables(p.io, p.beta)
+        step = max(x.shape[2] // p.tile_pixels, 1) if p.tile_pixels else 1
+        xn, on = x.numpy(), out.numpy()
+        xs = np.empty((k, 3, len(range(0, x.shape[2], step))), np.uint8)  # the per-tile estimate's pixels
+        od = np.empty(xs.shape, np.float32)
+        darkest = np.empty((k, xs.shape[2]), np.uint8)  # tissue: OD ≥ β in the brightest channel
+        prod = np.zeros((k, 4, 4), np.float32)  # [od·w; w][od·w; w]ᵀ: tissue count, sums and products
+
+        def moments(i: int, j: int) -> None:
+            np.copyto(xs[i:j], xn[i:j, :, ::step])
+            cpu.table(xs[i:j], od_table, od[i:j])
+            w = cpu.table(np.amax(xs[i:j], axis=1, out=darkest[i:j]), w_table)
+            if self.source is not None:
+                prod[i:j, 3, 3] = w.sum(1)
+                return
+            a = np.empty((j - i, 4, xs.shape[2]), np.float32)
+            a[:, 3] = w
+            np.multiply(od[i:j], w[:, None], out=a[:, :3])
+            prod[i:j] = a @ a.transpose(0, 2, 1)
+
+        cpu.in_threads(moments, k)
+        s = torch.from_numpy(prod).double()
+        n = s[:, 3, 3]
+        ref = self.tensor("stain_matrix", dev).T
+        if self.source is not None:
+            unmix, src_max = self._source(dev, k)
+            passed = n < p.min_tissue * xs.shape[2]
+        else:
+            mean = s[:, :3, 3] / n.clamp(min=1).unsqueeze(1)
+            outer = n.view(-1, 1, 1) * mean.unsqueeze(2) * mean.unsqueeze(1)
+            v, ok = stain_plane((s[:, :3, :3] - outer) / (n - 1).clamp(min=1).view(-1, 1, 1), n)
+            plane, counts, q = v.numpy(), n.numpy(), p.alpha / 100.0
+            lo, hi = np.empty(k), np.empty(k)
+
+            def angles(i: int, j: int) -> None:
+                proj = plane[i:j].transpose(0, 2, 1) @ od[i:j]
+                phi = np.arctan2(proj[:, 1], proj[:, 0])
+                phi += cpu.table(darkest[i:j], inf_table)  # background sorts last
+                phi.sort(axis=1)
+                lo[i:j], hi[i:j] = cpu.sorted_quantiles(phi, counts[i:j], (q, 1.0 - q))
+
+            cpu.in_threads(angles, k)
+            he, finite = plane_stains(v, torch.from_numpy(lo), torch.from_numpy(hi))
+            passed = ~(ok & finite) | (n < max(p.min_tissue * xs.shape[2], 3))
+            unmix = torch.linalg.pinv(torch.where(passed.view(-1, 1, 1), ref.expand_as(he), he))
+            un, maxima = unmix.numpy(), np.empty((k, 2))
+
+            def concentrations(i: int, j: int) -> None:
+                c = (un[i:j] @ od[i:j]).reshape(-1, xs.shape[2])
+                maxima[i:j] = cpu.row_quantile(c, p.max_percentile / 100.0).reshape(-1, 2)
+
+            cpu.in_threads(concentrations, k)
+            src_max = torch.from_numpy(maxima).float()
+        m, passed = recolour(ref, self.tensor("max_concentrations", dev), unmix, src_max, passed)
+        mn, skip = m.numpy(), passed.numpy()
+        bias = ((1.0 - m.double().sum(2)) * math.log(p.io)).numpy()
+        cpu.in_threads(lambda i, j: cpu.mix_exp(xn[i:j], on[i:j], mn[i:j], bias[i:j], skip[i:j]), k)
+        return passed
+
+
+@functools.lru_cache(maxsize=8)
+def _lookup_tables(io: float, beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lookup tables over uint8 values: OD, tissue weight (OD ≥ β: 1, else 0), background fill (0 or +inf)."""
+    od = (math.log(io) - cpu.LN).astype(np.float32)
+    tissue = np.arange(256) <= int(np.flatnonzero(od >= beta).max(initial=-1))
+    return od, tissue.astype(np.float32), np.where(tissue, 0.0, np.inf).astype(np.float32)
