@@ -73,11 +73,11 @@ def build(library: str, args: argparse.Namespace) -> dict[str, Callable[[], Cont
         return lambda: [norm(data[i : i + args.batch]) for i in range(0, len(data), args.batch)]
 
     def add_wsikit(
-        name: str, make, data: torch.Tensor = batch, sync=lambda: None, k: int | None = None
+        name: str, make, data: torch.Tensor = batch, sync=lambda: None, k: int | None = None, fuse=True
     ) -> None:
         n = k or len(data)
         factories[name] = lambda: (batched(make(), data[:n]), n, sync)
-        if args.compile and k is None:
+        if args.compile and k is None and fuse:
 
             def compiled() -> Contender:
                 fused = copy.copy(make()).compile()
@@ -114,6 +114,7 @@ def build(library: str, args: argparse.Namespace) -> dict[str, Callable[[], Cont
                 lambda: fit_normalizer("macenko", target),
                 data,
                 sync,
+                fuse=bool(suffix),  # uint8 on CPU runs table kernels, compiled or not
             )
             add_wsikit(f"wsikit vahadane apply, batch{suffix}", vahadane_for_slide, data, sync)
             add_wsikit(
