@@ -1,11 +1,10 @@
 """CPU kernels for uint8 tiles: OpenCV table lookups and numpy, with groups of tiles spread over threads.
 
-On CPU a per-tile method is a chain of short passes over each tile's pixels. Torch runs each pass over the
-whole batch with its own threads; here each thread takes whole tiles instead and runs the chain on them
-while they are in its cache, with OpenCV and numpy calls that release the GIL: a 256-entry lookup
-table replaces the log of every uint8 value, and numpy's vectorised sort and selection give exact
-percentiles. Used by ``MacenkoNormalizer`` for uint8 batches on CPU.
-"""
+A per-tile method on CPU is a chain of passes over each tile's pixels with small per-tile algebra in
+between. Here each pass is made of OpenCV and numpy calls, which are single-threaded but release the GIL,
+so ``in_threads`` gives each of torch's threads a group of the tiles. A 256-entry lookup table replaces
+the log of every uint8 value, and numpy's vectorised sort and selection give exact percentiles. Used by
+``MacenkoNormalizer`` for uint8 batches on CPU."""
 
 from __future__ import annotations
 

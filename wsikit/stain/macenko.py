@@ -226,11 +226,11 @@ class MacenkoNormalizer(Normalizer):
 
         def moments(i: int, j: int) -> None:
             np.copyto(xs[i:j], xn[i:j, :, ::step])
-            cpu.table(xs[i:j], od_table, od[i:j])
             w = cpu.table(np.amax(xs[i:j], axis=1, out=darkest[i:j]), w_table)
-            if self.source is not None:
+            if self.source is not None:  # only the tissue count is needed
                 prod[i:j, 3, 3] = w.sum(1)
                 return
+            cpu.table(xs[i:j], od_table, od[i:j])
             a = np.empty((j - i, 4, xs.shape[2]), np.float32)
             a[:, 3] = w
             np.multiply(od[i:j], w[:, None], out=a[:, :3])
