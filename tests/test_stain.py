@@ -340,7 +340,7 @@ def test_macenko_matches_torchstain(images):
             mad(hwc(exact(chw(src))), expected) <= 1.0
         )  # measured 0.38–0.52 (we round, torchstain truncates)
         fast = fit_normalizer("macenko", tgt)  # default: source estimated from 16,384 pixels
-        assert mad(hwc(fast(chw(src))), expected) <= 2.0  # measured 0.25–1.74
+        assert mad(hwc(fast(chw(src))), expected) <= 2.0  # measured 0.24–1.18
 
 
 def test_macenko_matches_staintools(images):

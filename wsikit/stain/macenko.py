@@ -65,16 +65,24 @@ def stain_vectors(
     Returns stain matrices (B,3,2) [H, E columns], tissue counts (B,), ok (B,) bool.
     """
     w = mask if mask.is_floating_point() else mask.to(od.dtype)
-    n = w.sum(1)
-    n1 = n.clamp(min=1).view(-1, 1, 1)
-    mean = (w.unsqueeze(1) @ od.transpose(1, 2)).transpose(1, 2) / n1  # (B,3,1)
-    xc = (od - mean).mul_(w.unsqueeze(1))  # centred for float32 accuracy
-    v, ok = stain_plane(xc @ xc.transpose(1, 2) / (n1 - 1).clamp(min=1), n)
+    a = torch.cat((od * w.unsqueeze(1), w.unsqueeze(1)), dim=1).double()  # fits pool millions of pixels
+    n, cov = tissue_covariance(a @ a.transpose(1, 2))
+    v, ok = stain_plane(cov, n)
     proj = v.transpose(1, 2) @ od  # (B,2,N)
     phi = torch.atan2(proj[:, 1], proj[:, 0])
     lo, hi = masked_quantiles(phi, (alpha / 100.0, 1.0 - alpha / 100.0), w)
     he, finite = plane_stains(v, lo, hi)
     return he, n, ok & finite
+
+
+def tissue_covariance(prod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tissue pixel counts (B,) and OD covariances (B,3,3), in float64, from the products
+    [od·w; w][od·w; w]ᵀ (B,4,4) of OD (B,3,N) and 0/1 tissue weights w (B,N)."""
+    s = prod.double()
+    n = s[:, 3, 3]
+    mean = s[:, :3, 3] / n.clamp(min=1).unsqueeze(1)
+    outer = n.view(-1, 1, 1) * mean.unsqueeze(2) * mean.unsqueeze(1)
+    return n, (s[:, :3, :3] - outer) / (n - 1).clamp(min=1).view(-1, 1, 1)
 
 
 def stain_plane(cov: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +230,7 @@ class MacenkoNormalizer(Normalizer):
         xs = np.empty((k, 3, len(range(0, x.shape[2], step))), np.uint8)  # the per-tile estimate's pixels
         od = np.empty(xs.shape, np.float32)
         darkest = np.empty((k, xs.shape[2]), np.uint8)  # tissue: OD ≥ β in the brightest channel
-        prod = np.zeros((k, 4, 4), np.float32)  # [od·w; w][od·w; w]ᵀ: tissue count, sums and products
+        prod = np.zeros((k, 4, 4), np.float32)  # [od·w; w][od·w; w]ᵀ (tissue_covariance)
 
         def moments(i: int, j: int) -> None:
             np.copyto(xs[i:j], xn[i:j, :, ::step])
@@ -237,16 +245,13 @@ class MacenkoNormalizer(Normalizer):
             prod[i:j] = a @ a.transpose(0, 2, 1)
 
         cpu.in_threads(moments, k)
-        s = torch.from_numpy(prod).double()
-        n = s[:, 3, 3]
+        n, cov = tissue_covariance(torch.from_numpy(prod))
         ref = self.tensor("stain_matrix", dev).T
         if self.source is not None:
             unmix, src_max = self._source(dev, k)
             passed = n < p.min_tissue * xs.shape[2]
         else:
-            mean = s[:, :3, 3] / n.clamp(min=1).unsqueeze(1)
-            outer = n.view(-1, 1, 1) * mean.unsqueeze(2) * mean.unsqueeze(1)
-            v, ok = stain_plane((s[:, :3, :3] - outer) / (n - 1).clamp(min=1).view(-1, 1, 1), n)
+            v, ok = stain_plane(cov, n)
             plane, counts, q = v.numpy(), n.numpy(), p.alpha / 100.0
             lo, hi = np.empty(k), np.empty(k)
 
