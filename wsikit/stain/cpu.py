@@ -94,10 +94,12 @@ def mix_exp(x: np.ndarray, out: np.ndarray, m: np.ndarray, bias: np.ndarray, ski
     fold = ((z_min > -EXP_SAFE) & (z_max < EXP_SAFE) & (z_max + bias < ROUND_SAFE)).all(1)
     for i in np.flatnonzero(~skip):
         np.matmul(m[i], table(x[i], LN32, lg), out=z)
-        gain = np.exp(bias[i]) if fold[i] else np.ones(3)
-        if not fold[i]:
+        if fold[i]:
+            gain = np.exp(bias[i])
+        else:
             z += bias[i].astype(np.float32)[:, None]
             np.minimum(z, ROUND_SAFE, out=z)
+            gain = np.ones(3)
         cv2.exp(z, dst=z)
         for c in range(3):  # |gain·z| rounded and saturated to 0–255 (z > 0)
             cv2.convertScaleAbs(z[c], dst=out[i, c], alpha=float(gain[c]))
