@@ -31,50 +31,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from wsikit.slide import Slide, resize
+from wsikit.io import write_text
+from wsikit.settings import MaskError, MaskParams
+from wsikit.slide import Slide
+from wsikit.tiles import resize
 
 #: Classification names (lower case) of GeoJSON annotations that are cut out of the mask, not added.
 EXCLUDE_CLASSES = ("ignore", "ignore*", "exclude", "excluded", "artefact", "artifact", "background", "pen")
-
-
-class MaskError(ValueError):
-    """Bad mask settings or an unreadable GeoJSON mask; the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class MaskParams:
-    """Tissue-mask settings; sizes are physical so they hold at any scan resolution."""
-
-    method: str = "otsu"
-    mpp: float = 8.0  # working resolution of the mask thumbnail, µm/px
-    channel: str = "saturation"  # "saturation" | "darkness" | "both"
-    min_saturation: int = 15  # floor of the saturation threshold (0–255): glass stays glass
-    max_saturation: int = 30  # cap: saturated ink, dye or blood must not push pale tissue out
-    blur_um: float = 40.0  # median-blur kernel side
-    close_um: float = 32.0  # closing kernel (bridges small gaps)
-    open_um: float = 16.0  # opening kernel (drops specks and thin lines)
-    max_hole_um2: float = 20_000.0  # holes smaller than this are filled
-    min_object_um2: float = 20_000.0  # tissue pieces smaller than this are dropped
-    exclude_pen: bool = True  # red / green / blue marker ink
-    pen_min_um2: float = 40_000.0  # ink blobs smaller than this are stain, not pen
-    pen_margin_um: float = 24.0  # ink's blurred rim, removed with it
-    exclude_black: bool = True  # near-black: max channel < black_max
-    exclude_white: bool = True  # near-white: min channel > white_min
-    black_max: int = 40
-    white_min: int = 230
-
-    def __post_init__(self) -> None:
-        if self.method not in MASK_METHODS:
-            raise MaskError(f"unknown mask method {self.method!r}; use one of {sorted(MASK_METHODS)}")
-        if self.channel not in ("saturation", "darkness", "both"):
-            raise MaskError(f"mask channel {self.channel!r}: use saturation, darkness or both")
-        if not 0.1 <= self.mpp <= 200:
-            raise MaskError(f"mask working resolution {self.mpp} µm/px: use 0.1–200 (e.g. 8)")
-
-    def px(self, um: float) -> int:
-        """An odd kernel side in working pixels for ``um`` micrometres (0 when ``um`` is under a pixel)."""
-        n = round(um / self.mpp)
-        return 0 if n < 2 else n | 1
 
 
 @dataclass
@@ -238,7 +201,8 @@ def otsu_mask(rgb: np.ndarray, mpp: float, params: MaskParams) -> tuple[np.ndarr
     return tissue, float(threshold if threshold is not None else 0.0)
 
 
-#: Mask methods: name → function(rgb, mpp, params) -> (mask, threshold). Add new methods here.
+#: Mask methods: name → function(rgb, mpp, params) -> (mask, threshold); their names are
+#: :data:`wsikit.settings.MASK_METHODS` (what configs may ask for).
 MASK_METHODS: dict[str, Callable[[np.ndarray, float, MaskParams], tuple[np.ndarray, float]]] = {
     "otsu": otsu_mask,
 }
@@ -317,12 +281,7 @@ def mask_to_geojson(mask: TissueMask, classification: str = "Tissue") -> dict[st
 
 def write_geojson(path: str | os.PathLike, mask: TissueMask) -> Path:
     """Write :func:`mask_to_geojson` atomically."""
-    from wsikit.jobs import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(mask_to_geojson(mask)))
-    return path
+    return write_text(path, json.dumps(mask_to_geojson(mask)))
 
 
 def _polygons(obj: dict[str, Any]) -> list[tuple[list, bool]]:
@@ -412,19 +371,6 @@ def qc_image(
             colour = (0, 170, 0) if hierarchy[0][i][3] == -1 else (0, 90, 255)
             cv2.drawContours(img, [contour], -1, colour, thick)
     return img
-
-
-def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
-    """Write an RGB picture as PNG atomically."""
-    from wsikit.jobs import atomic_path
-
-    path = Path(path)
-    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise MaskError(f"{path}: PNG encoding failed")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data.tobytes())
-    return path
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

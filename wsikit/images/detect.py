@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -27,120 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsikit.jobs import atomic_path, write_json
-from wsikit.metrics import jsonable
+from wsikit.images.coco import CocoDataset, CocoSet, DetectError, coco_map, collate
+from wsikit.io import atomic_path, jsonable, write_json
+from wsikit.runtime import read_config_checkpoint, save_checkpoint
 
 ARCHS = ("fasterrcnn", "retinanet")
-IOU_THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)
-
-
-class DetectError(ValueError):
-    """Unusable detection input; the message names the file and the fix."""
-
-
-# -- COCO data -----------------------------------------------------------------------------------------
-@dataclass
-class CocoSet:
-    """A COCO detection file: ``images``, ``annotations``, ``categories`` plus where the images are."""
-
-    images: list[dict[str, Any]]
-    annotations: list[dict[str, Any]]
-    categories: list[dict[str, Any]]
-    root: Path
-    source: str = ""
-
-    @property
-    def category_ids(self) -> list[int]:
-        return [int(c["id"]) for c in self.categories]
-
-    @property
-    def category_names(self) -> list[str]:
-        return [str(c["name"]) for c in self.categories]
-
-    def annotations_of(self, image_id: int) -> list[dict[str, Any]]:
-        if not hasattr(self, "_by_image"):
-            by: dict[int, list[dict[str, Any]]] = {}
-            for a in self.annotations:
-                by.setdefault(int(a["image_id"]), []).append(a)
-            self._by_image = by
-        return self._by_image.get(int(image_id), [])
-
-    def to_json(self) -> dict[str, Any]:
-        return {"images": self.images, "annotations": self.annotations, "categories": self.categories}
-
-
-def load_coco(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> CocoSet:
-    """Read a COCO detection json; image ``file_name``s are relative to ``image_root`` (default: its folder)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DetectError(
-            f"{path}: cannot read COCO json ({exc}); pass a file with images/annotations/categories"
-        ) from exc
-    missing = [k for k in ("images", "annotations", "categories") if k not in data]
-    if missing:
-        raise DetectError(
-            f"{path}: not COCO detection json (no {', '.join(missing)}); export boxes in COCO format"
-        )
-    if not data["categories"]:
-        raise DetectError(f"{path}: no categories; list at least one {{'id': 1, 'name': ...}}")
-    ids = {int(c["id"]) for c in data["categories"]}
-    for a in data["annotations"]:
-        if int(a["category_id"]) not in ids:
-            raise DetectError(
-                f"{path}: annotation {a.get('id')} has category_id {a['category_id']} not in categories"
-            )
-        if len(a["bbox"]) != 4 or a["bbox"][2] <= 0 or a["bbox"][3] <= 0:
-            raise DetectError(f"{path}: annotation {a.get('id')} bbox {a['bbox']} is not [x, y, w>0, h>0]")
-    root = Path(image_root) if image_root else path.parent
-    return CocoSet(data["images"], data["annotations"], data["categories"], root, str(path))
-
-
-class CocoDataset(torch.utils.data.Dataset):
-    """(image float [0,1] (3,H,W), target) pairs for torchvision detectors; crowd boxes are left out."""
-
-    def __init__(self, coco: CocoSet, train: bool = False, vflip: bool = True) -> None:
-        self.coco = coco
-        self.train = train
-        self.vflip = vflip
-        self.label_of = {cid: i + 1 for i, cid in enumerate(coco.category_ids)}
-
-    def __len__(self) -> int:
-        return len(self.coco.images)
-
-    def image(self, i: int) -> np.ndarray:
-        from wsikit.core.data import read_image
-
-        path = self.coco.root / self.coco.images[i]["file_name"]
-        if not path.is_file():
-            raise DetectError(f"{self.coco.source}: image {path} does not exist; pass --images <folder>")
-        img = read_image(path)
-        return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        info = self.coco.images[i]
-        img = torch.from_numpy(np.array(self.image(i))).permute(2, 0, 1).float() / 255.0
-        anns = [a for a in self.coco.annotations_of(info["id"]) if not a.get("iscrowd", 0)]
-        boxes = torch.tensor([_xyxy(a["bbox"]) for a in anns], dtype=torch.float32).reshape(-1, 4)
-        labels = torch.tensor([self.label_of[int(a["category_id"])] for a in anns], dtype=torch.int64)
-        if self.train:  # flips keep boxes exact; valid for tiles and (horizontal only) for most X-ray tasks
-            h, w = img.shape[1:]
-            if torch.rand(1) < 0.5:
-                img = img.flip(-1)
-                boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
-            if self.vflip and torch.rand(1) < 0.5:
-                img = img.flip(-2)
-                boxes[:, [1, 3]] = h - boxes[:, [3, 1]]
-        return img, {"boxes": boxes, "labels": labels, "image_id": torch.tensor(int(info["id"]))}
-
-
-def _xyxy(b: Sequence[float]) -> list[float]:
-    return [float(b[0]), float(b[1]), float(b[0] + b[2]), float(b[1] + b[3])]
-
-
-def _collate(batch):
-    return tuple(zip(*batch, strict=True))
 
 
 # -- models --------------------------------------------------------------------------------------------
@@ -297,6 +187,36 @@ class DetTrainResult:
     best: dict[str, Any]
 
 
+def _cosine_warmup(opt: torch.optim.Optimizer, total: int) -> Any:
+    """Linear warm-up over the first tenth (≤ 50 steps), then cosine decay to 0 at step ``total``."""
+    warmup = min(50, max(1, total // 10))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+
+
+def _train_epoch(
+    model: nn.Module, loader: Any, opt: Any, sched: Any, device: str, steps_left: int
+) -> list[float]:
+    """One pass (or ``steps_left`` steps) over the training images; returns the step losses."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses: list[float] = []
+    for images, targets in loader:
+        images = [im.to(device) for im in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        loss = sum(model(images, targets).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if len(losses) >= steps_left:
+            break
+    return losses
+
+
 def train_detector(
     train: CocoSet,
     val: CocoSet | None,
@@ -310,51 +230,25 @@ def train_detector(
     torch.manual_seed(tcfg.seed)
     np.random.seed(tcfg.seed)
     out_dir = Path(out_dir)
-    cfg.category_ids, cfg.category_names, cfg.n_classes = (
-        train.category_ids,
-        train.category_names,
-        len(train.categories),
-    )
+    cfg.category_ids, cfg.category_names = train.category_ids, train.category_names
+    cfg.n_classes = len(train.categories)
     model = build_detector(cfg, pretrained=pretrained, device=tcfg.device)
     loader = torch.utils.data.DataLoader(
-        CocoDataset(train, train=True),
-        batch_size=tcfg.batch_size,
-        shuffle=True,
-        collate_fn=_collate,
-        num_workers=tcfg.num_workers,
-        generator=torch.Generator().manual_seed(tcfg.seed),
-    )
+        CocoDataset(train, train=True), batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate,
+        num_workers=tcfg.num_workers, generator=torch.Generator().manual_seed(tcfg.seed),
+    )  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    total = (
-        tcfg.epochs * len(loader)
-        if tcfg.max_iters is None
-        else min(tcfg.max_iters, tcfg.epochs * len(loader))
-    )
-    warmup = min(50, max(1, total // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    total = min(tcfg.max_iters or tcfg.epochs * len(loader), tcfg.epochs * len(loader))
+    sched = _cosine_warmup(opt, total)
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"map_50_95": -1.0}
     ckpt = out_dir / "detector.pt"
     step, stale = 0, 0
     for epoch in range(tcfg.epochs):
-        model.train()
-        t0, losses = time.perf_counter(), []
-        for images, targets in loader:
-            images = [im.to(tcfg.device) for im in images]
-            targets = [{k: v.to(tcfg.device) for k, v in t.items()} for t in targets]
-            loss = sum(model(images, targets).values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            if step >= total:
-                break
+        t0 = time.perf_counter()
+        losses = _train_epoch(model, loader, opt, sched, tcfg.device, total - step)
+        step += len(losses)
         row: dict[str, float] = {
             "epoch": epoch + 1,
             "loss": float(np.mean(losses)),
@@ -367,14 +261,11 @@ def train_detector(
         log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         score = row.get("map_50_95", float(epoch))
         if score > best["map_50_95"] or val is None:
-            best = {"epoch": epoch + 1, "map_50_95": score, "map_50": row.get("map_50")}
+            best, stale = {"epoch": epoch + 1, "map_50_95": score, "map_50": row.get("map_50")}, 0
             save_detector(model, cfg, ckpt)
-            stale = 0
-        else:
-            stale += 1
-            if stale >= tcfg.patience:
-                log(f"early stop: no better validation mAP for {tcfg.patience} epochs")
-                break
+        elif (stale := stale + 1) >= tcfg.patience:
+            log(f"early stop: no better validation mAP for {tcfg.patience} epochs")
+            break
         if step >= total:
             break
     write_json(out_dir / "history.json", {"history": history, "best": best, "config": asdict(cfg)})
@@ -382,20 +273,15 @@ def train_detector(
 
 
 def save_detector(model: nn.Module, cfg: DetectorConfig, path: str | os.PathLike) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save({"config": asdict(cfg), "state_dict": model.state_dict()}, tmp)
-    return Path(path)
+    """Write the detector's config and weights (atomically)."""
+    return save_checkpoint(path, {"config": asdict(cfg), "state_dict": model.state_dict()})
 
 
 def load_detector(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, DetectorConfig]:
     """A detector saved by :func:`train_detector` (no weight download: the checkpoint holds them all)."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-        cfg = DetectorConfig(**ckpt["config"])
-    except (OSError, KeyError, TypeError, RuntimeError) as exc:
-        raise DetectError(
-            f"{path}: not a wsikit detector checkpoint ({exc}); train one with wsikit detect train"
-        ) from exc
+    ckpt, cfg = read_config_checkpoint(
+        path, DetectorConfig, DetectError, "train one with wsikit detect train", device
+    )
     model = build_detector(cfg, pretrained=False, device=device)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), cfg
@@ -433,108 +319,6 @@ def predict_coco(
                 )
     model.train(was_training)
     return results
-
-
-def _iou(dets: np.ndarray, gts: np.ndarray, crowd: np.ndarray) -> np.ndarray:
-    """(D, G) IoU of xywh boxes; for crowd gts the union is the detection's area (COCO's rule)."""
-    if not len(dets) or not len(gts):
-        return np.zeros((len(dets), len(gts)))
-    d, g = dets[:, None, :], gts[None, :, :]
-    iw = np.clip(
-        np.minimum(d[..., 0] + d[..., 2], g[..., 0] + g[..., 2]) - np.maximum(d[..., 0], g[..., 0]), 0, None
-    )
-    ih = np.clip(
-        np.minimum(d[..., 1] + d[..., 3], g[..., 1] + g[..., 3]) - np.maximum(d[..., 1], g[..., 1]), 0, None
-    )
-    inter = iw * ih
-    da, ga = d[..., 2] * d[..., 3], g[..., 2] * g[..., 3]
-    union = np.where(crowd[None, :], da, da + ga - inter)
-    return inter / np.maximum(union, 1e-12)
-
-
-def coco_map(gt: CocoSet, results: Sequence[dict[str, Any]], max_dets: int = 100) -> dict[str, Any]:
-    """COCO box AP (area "all") of ``results`` against ``gt``: ``map_50``, ``map_75``, ``map_50_95``,
-    ``ap_50_per_class``, ``ap_50_95_per_class`` (nan for a category without ground truth)."""
-    image_ids = [int(im["id"]) for im in gt.images]
-    n_t = len(IOU_THRESHOLDS)
-    per_class: dict[int, np.ndarray] = {}
-    for cid in gt.category_ids:
-        dets_by: dict[int, list[dict[str, Any]]] = {}
-        for r in results:
-            if int(r["category_id"]) == cid:
-                dets_by.setdefault(int(r["image_id"]), []).append(r)
-        scores, matched, ignored = [], [], []
-        n_gt = 0
-        for img in image_ids:
-            anns = [a for a in gt.annotations_of(img) if int(a["category_id"]) == cid]
-            anns.sort(key=lambda a: bool(a.get("iscrowd", 0)))  # real boxes first, crowd last
-            crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
-            n_gt += int((~crowd).sum())
-            dets = sorted(dets_by.get(img, []), key=lambda r: -r["score"])[:max_dets]
-            ious = _iou(
-                np.array([d["bbox"] for d in dets], dtype=np.float64).reshape(-1, 4),
-                np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4),
-                crowd,
-            )
-            tp = np.zeros((n_t, len(dets)), dtype=bool)
-            ig = np.zeros((n_t, len(dets)), dtype=bool)
-            for t, thr in enumerate(IOU_THRESHOLDS):
-                taken = np.zeros(len(anns), dtype=bool)
-                for di in range(len(dets)):
-                    best, best_iou = -1, min(thr, 1 - 1e-10)
-                    for gi in range(len(anns)):
-                        if taken[gi] and not crowd[gi]:
-                            continue
-                        if best > -1 and not crowd[best] and crowd[gi]:
-                            break  # a real match beats any crowd region
-                        if ious[di, gi] < best_iou:
-                            continue
-                        best, best_iou = gi, ious[di, gi]
-                    if best > -1:
-                        taken[best] = True
-                        ig[t, di] = crowd[best]
-                        tp[t, di] = not crowd[best]
-            scores += [d["score"] for d in dets]
-            matched.append(tp)
-            ignored.append(ig)
-        if n_gt == 0:
-            per_class[cid] = np.full(n_t, np.nan)
-            continue
-        s = np.asarray(scores, dtype=np.float64)
-        order = np.argsort(-s, kind="mergesort")
-        tp_all = np.concatenate(matched, axis=1)[:, order] if matched else np.zeros((n_t, 0), bool)
-        ig_all = np.concatenate(ignored, axis=1)[:, order] if ignored else np.zeros((n_t, 0), bool)
-        aps = np.zeros(n_t)
-        for t in range(n_t):
-            keep = ~ig_all[t]
-            tps = np.cumsum(tp_all[t][keep])
-            fps = np.cumsum(~tp_all[t][keep])
-            aps[t] = _ap101(tps / n_gt, tps / np.maximum(tps + fps, np.spacing(1)))
-        per_class[cid] = aps
-    table = np.array([per_class[c] for c in gt.category_ids])
-    names = gt.category_names
-
-    def mean(a: np.ndarray) -> float:
-        return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
-
-    return {
-        "map_50": mean(table[:, 0]),
-        "map_75": mean(table[:, 5]),
-        "map_50_95": mean(table),
-        "ap_50_per_class": {n: float(v) for n, v in zip(names, table[:, 0], strict=True)},
-        "ap_50_95_per_class": {n: mean(row) for n, row in zip(names, table, strict=True)},
-        "n_images": len(image_ids),
-        "n_detections": len(results),
-    }
-
-
-def _ap101(recall: np.ndarray, precision: np.ndarray) -> float:
-    """COCO's 101-point interpolated AP (precision made monotone, sampled at recall 0, .01, …, 1)."""
-    if recall.size == 0:
-        return 0.0
-    p = np.maximum.accumulate(precision[::-1])[::-1]
-    idx = np.searchsorted(recall, np.linspace(0, 1, 101), side="left")
-    return float(np.where(idx < p.size, p[np.minimum(idx, p.size - 1)], 0.0).mean())
 
 
 # -- pictures ------------------------------------------------------------------------------------------

@@ -12,19 +12,12 @@ from typer.testing import CliRunner
 
 from wsikit import metrics as M
 from wsikit.cli.main import app
-from wsikit.core.data import ImageSet, load_images, load_medmnist
-from wsikit.core.evaluate import ImageTensors, evaluate_classifier
-from wsikit.core.gradcam import gradcam
-from wsikit.core.models import ModelConfig, load_classifier
-from wsikit.core.train import (
-    FocalLoss,
-    TrainConfig,
-    _loader,
-    class_weights,
-    cross_validate,
-    fit,
-    train_classifier,
-)
+from wsikit.images.data import ImageSet, load_images, load_medmnist
+from wsikit.images.evaluate import ImageTensors, evaluate_classifier
+from wsikit.images.gradcam import gradcam
+from wsikit.images.models import load_classifier
+from wsikit.images.settings import ModelConfig, TrainConfig
+from wsikit.images.train import FocalLoss, _loader, class_weights, cross_validate, fit, train_classifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -145,7 +138,7 @@ def test_imbalance_tools():
 
 
 def test_gradcam_maps():
-    from wsikit.core.models import build_classifier
+    from wsikit.images.models import build_classifier
 
     model = build_classifier(ModelConfig(encoder="efficientnet-lite0", class_names=["a", "b"]))
     cams = gradcam(model, torch.randn(3, 3, 96, 96))
@@ -168,3 +161,30 @@ def test_cli_kather_train_and_pathmnist_predict(shared_data, tmp_path):
     assert all(abs(sum(float(v) for k, v in row.items() if k.startswith("p_")) - 1) < 1e-4 for row in rows)
     r = runner.invoke(app, ["patches", "train", str(tmp_path / "nope.npz"), "--out", str(out)])
     assert r.exit_code == 2 and "zenodo" in r.output
+
+
+def test_weights_are_the_ones_trained(shared_data, pneumonia_small, tmp_path):
+    """`patches train --weights` builds the encoder from that checkpoint (it was accepted and ignored), in a
+    single split (CLI) and in each fold of a cross-validation."""
+    import timm
+
+    from wsikit.encoders import sha256_file
+
+    torch.manual_seed(7)
+    backbone = timm.create_model("resnet18.tv_in1k", pretrained=False, num_classes=0)
+    ckpt = tmp_path / "backbone.pth"
+    torch.save(backbone.state_dict(), ckpt)
+    args = ["patches", "train", str(shared_data / "patches" / "kather2016"), "--out", str(tmp_path / "one"),
+            "--encoder", "resnet18", "--weights", str(ckpt), "--mode", "transfer", "--epochs", "1",
+            "--head-epochs", "1", "--input-size", "32", "--batch-size", "8", "--val-fraction", "0.34",
+            "--device", "cpu"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    cfg = _quick(epochs=1, head_epochs=1)
+    cross_validate(pneumonia_small, ModelConfig(encoder="resnet18", input_size=28), cfg, tmp_path / "cv", 2,
+                   log=lambda _: None, weights=ckpt)  # fmt: skip
+    for best in (tmp_path / "one" / "best.pt", tmp_path / "cv" / "fold0" / "best.pt"):
+        model, mcfg, _ = load_classifier(best)
+        assert mcfg.weights_id == f"sha256:{sha256_file(ckpt)}"
+        # the head alone trained: the backbone is exactly the checkpoint's
+        assert torch.equal(model.backbone.conv1.weight, backbone.conv1.weight)

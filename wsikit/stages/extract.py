@@ -1,6 +1,6 @@
 """Batched feature extraction: tiles of a job's grids → encoder → one feature bag per slide and spec.
 
-Per slide and spec, a :class:`wsikit.native.TileItems` dataset reads each tile of the grid in DataLoader
+Per slide and spec, a :class:`wsikit.tiles.TileItems` dataset reads each tile of the grid in DataLoader
 workers (the slide pickles and reopens there): compressed file tiles decoded directly where that is
 pixel-exact, otherwise ``read_region`` from the best pyramid level, resampled once to the encoder's
 input size (``--reader``, docs/readers.md). On the device each uint8 batch is optionally stain-normalized, normalized to
@@ -17,12 +17,9 @@ several encoders resume independently in one job.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import hashlib
-import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,22 +28,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from wsikit.bags import BagWriter, bag_path, new_attrs, read_bag, write_bag
+from wsikit.bags import BagWriter, bag_path, join_context, new_attrs, read_bag, write_bag
 from wsikit.encoders import Encoder, get_encoder
-from wsikit.jobs import (
-    BatchSummary,
-    JobError,
-    SlideEntry,
-    StageResult,
-    Status,
-    allotted_cpus,
-    clear_stale_temps,
-    read_status,
-    run_batch,
-)
-from wsikit.native import READERS, TileItems, TileSource, assemble_batch, collate_items
+from wsikit.grids import TileGrid, grid_path, list_specs, read_grid
+from wsikit.io import clear_stale_temps
+from wsikit.jobs import BatchSummary, JobError, SlideEntry, StageResult, Status, read_status, run_batch
+from wsikit.runtime import default_workers, resolve_device, resolve_precision, set_threads, tune_malloc
+from wsikit.settings import ExtractConfig
 from wsikit.slide import Slide, open_slide
-from wsikit.tiling import TileGrid, grid_path, list_specs, read_grid, read_tile
+from wsikit.specs import spec_key
+from wsikit.stain import load_normalizer
+from wsikit.tiles import TileItems, TileSource, assemble_batch, collate_items, read_tile
 
 STAGE = "extract"
 _MAX_RECORDED_ERRORS = 50
@@ -59,72 +51,6 @@ class ExtractError(RuntimeError):
 def stage_name(encoder_name: str) -> str:
     """Status stage of an encoder: ``extract-<encoder>`` (``/`` and ``:`` become ``_``)."""
     return f"{STAGE}-{encoder_name.replace('/', '_').replace(':', '_')}"
-
-
-# -- run-time tuning -----------------------------------------------------------------------------------
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def tune_malloc() -> bool:
-    """Stop glibc returning large blocks to the kernel after every batch (the page-fault cost of big
-    activations); returns whether it applied. Off with ``WSIKIT_TUNE_MALLOC=0``; a no-op off glibc."""
-    if os.environ.get("WSIKIT_TUNE_MALLOC", "1") == "0":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    except (OSError, AttributeError):
-        return False
-    return bool(ok)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ExtractError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device, encoder: Encoder) -> torch.dtype | None:
-    """Autocast dtype for ``precision`` (auto | fp32 | bf16 | fp16) on ``device``; None means fp32."""
-    if precision == "auto":
-        precision = encoder.precision if device.type == "cuda" else "bf16" if cpu_has_bf16() else "fp32"
-    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in table:
-        raise ExtractError(f"--precision {precision!r}: use auto, fp32, bf16 or fp16")
-    if precision == "fp16" and device.type == "cpu":
-        raise ExtractError("--precision fp16 is for GPUs; use bf16 or fp32 on a CPU")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return table[precision]
-
-
-# -- reading tiles ------------------------------------------------------------------------------------
-def _worker_init(_: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    info.dataset.reopen()  # type: ignore[union-attr]
-
-
-def default_workers(device: torch.device, cpus: int | None = None) -> int:
-    """DataLoader workers: on a GPU all allotted CPUs but one (≤ 16). On a CPU the model already uses
-    every allotted core and reading costs 2–3 ms of CPU per tile (5–10% of a bf16 ResNet-50 forward);
-    a reader process then only competes with the model's threads, which all wait for the slowest one,
-    so small CPU jobs (≤ 8 CPUs) read in the main process and larger ones use one reader per 8 CPUs."""
-    cpus = cpus or allotted_cpus()
-    if device.type == "cuda":
-        return max(1, min(16, cpus - 1))
-    return 0 if cpus <= 8 else cpus // 8
 
 
 # -- the encoder loop ----------------------------------------------------------------------------------
@@ -154,6 +80,14 @@ class Runtime:
         ):
             return self.encoder.model(x)
 
+    def for_slide(self, slide: Slide, grid: TileGrid, stain: Any, n_sample: int) -> Runtime:
+        """This runtime with ``stain`` (a fitted normalizer, or None) estimated on the slide's own tiles."""
+        if stain is None:
+            return self
+        sample = _stain_sample(slide, grid, n_sample, self.encoder.input_size)
+        slide_stain = stain.for_slide(sample.to(self.device)) if len(sample) else stain
+        return Runtime(self.encoder, self.device, self.autocast, self.channels_last, slide_stain)
+
     def describe(self) -> dict[str, Any]:
         return {
             "device": str(self.device),
@@ -169,6 +103,52 @@ def prepare_model(encoder: Encoder, channels_last: bool = True, compile: bool = 
         encoder.model.to(memory_format=torch.channels_last)
     if compile:
         encoder.model = torch.compile(encoder.model)  # type: ignore[assignment]
+
+
+def _worker_init(_: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    info.dataset.reopen()  # type: ignore[union-attr]
+
+
+def _batches(loader: DataLoader, path: Path, read_timeout: float, times: dict[str, float]) -> Iterator[Any]:
+    """The loader's batches, with the time spent waiting for them added to ``times["read_wait"]``; a dead
+    or stalled reading worker becomes one :class:`ExtractError` naming the slide and the fix."""
+    batches = iter(loader)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(batches, None)
+        except RuntimeError as exc:  # a worker that died (killed, out of memory, a crash in a reader)
+            if "DataLoader timed out" in str(exc):
+                raise ExtractError(
+                    f"{path}: no tiles from the reading workers for {read_timeout:g} s (a stalled read "
+                    "on network storage?); rerun with --retry-failed, or raise --read-timeout"
+                ) from exc
+            if "DataLoader worker" not in str(exc):
+                raise
+            raise ExtractError(
+                f"{path}: a tile-reading worker died ({exc}); rerun with --retry-failed "
+                "(--workers 0 shows a reader crash's own error)"
+            ) from exc
+        times["read_wait"] += time.perf_counter() - t
+        if item is None:
+            return
+        yield item
+
+
+def _loader(source: TileSource, runtime: Runtime, batch_size: int, workers: int, read_timeout: float):
+    dataset = TileItems(source, ship_streams=runtime.device.type == "cuda")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_items,
+        pin_memory=runtime.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=_worker_init if workers else None,
+        timeout=read_timeout if workers else 0,
+    )
 
 
 def extract_grid(
@@ -190,21 +170,10 @@ def extract_grid(
     ``read_wait`` (waiting for tiles), ``model`` (device work as seen from here), ``write``. With
     workers, a batch not ready within ``read_timeout`` seconds (0: wait forever) fails the slide.
     """
-    # tiles through wsikit.native (docs/readers.md): compressed file tiles where exact, read_region
+    # tiles through wsikit.tiles (docs/readers.md): compressed file tiles where exact, read_region
     # elsewhere; on a GPU, workers ship whole JPEG tiles as bytes and nvJPEG decodes each batch
     source = TileSource(slide, grid.coords, grid.size_level0, runtime.encoder.input_size, reader)
-    dataset = TileItems(source, ship_streams=runtime.device.type == "cuda")
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate_items,
-        pin_memory=runtime.device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        worker_init_fn=_worker_init if workers else None,
-        timeout=read_timeout if workers else 0,
-    )
+    loader = _loader(source, runtime, batch_size, workers, read_timeout)
     times = seconds if seconds is not None else {}
     for key in ("read_wait", "model", "write"):
         times.setdefault(key, 0.0)
@@ -222,41 +191,18 @@ def extract_grid(
         if on_tiles:
             on_tiles(len(rows))
 
-    batches = iter(loader)
-    while True:
-        t = time.perf_counter()
-        try:
-            item = next(batches, None)
-        except RuntimeError as exc:  # a worker that died (killed, out of memory, a crash in a reader)
-            if "DataLoader timed out" in str(exc):
-                raise ExtractError(
-                    f"{slide.path}: no tiles from the reading workers for {read_timeout:g} s (a stalled read "
-                    "on network storage?); rerun with --retry-failed, or raise --read-timeout"
-                ) from exc
-            if "DataLoader worker" not in str(exc):
-                raise
-            raise ExtractError(
-                f"{slide.path}: a tile-reading worker died ({exc}); rerun with --retry-failed "
-                "(--workers 0 shows a reader crash's own error)"
-            ) from exc
-        times["read_wait"] += time.perf_counter() - t
-        if item is None:
-            break
-        batch, index, errors = item
+    for batch, index, errors in _batches(loader, slide.path, read_timeout, times):
         t = time.perf_counter()
         pixels = assemble_batch(batch, runtime.encoder.input_size, runtime.device)
         times["read_wait"] += time.perf_counter() - t
-        ok = np.array([not e for e in errors])
-        idx = index.numpy()
+        ok, idx = np.array([not e for e in errors]), index.numpy()
         t = time.perf_counter()
         feats = runtime.forward(pixels if ok.all() else pixels[torch.from_numpy(ok)])
         times["model"] += time.perf_counter() - t
         if pending is not None:
             flush()
         pending = (feats, idx[ok])
-        for pos in np.nonzero(~ok)[0]:
-            x, y = (int(v) for v in grid.coords[idx[pos]])
-            skipped.append((x, y, errors[pos]))
+        skipped += [(*(int(v) for v in grid.coords[idx[pos]]), errors[pos]) for pos in np.nonzero(~ok)[0]]  # type: ignore[misc]
     if pending is not None:
         flush()
     if skipped:
@@ -265,56 +211,6 @@ def extract_grid(
 
 
 # -- one slide -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Settings of an extraction run; ``key()`` fingerprints what changes the bags."""
-
-    encoder: str = "resnet50-trunc"
-    weights: Path | None = None
-    pretrained: bool = True  # False: random initialisation (timing and tests only; weights_id "random")
-    specs: tuple[str, ...] = ()  # spec names; empty: every spec tiled in the job
-    batch_size: int = 64
-    workers: int | None = None  # None: default_workers(device)
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    fmt: str = "h5"
-    fp16_features: bool = False
-    compression: str | None = None
-    stain: Path | None = None  # a fitted normalizer (JSON) from `wsikit stain fit`
-    stain_sample: int = 32  # tiles sampled per slide for slide-level stain estimation
-    multiscale: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    backend: str = "auto"
-    reader: str = "auto"  # auto | native | openslide | tiffslide (wsikit.native)
-    read_timeout: float = (
-        600.0  # seconds reader workers may take for one batch before the slide fails; 0: no limit
-    )
-
-    def __post_init__(self) -> None:
-        if self.reader not in READERS:
-            raise ExtractError(f"--reader {self.reader!r}: use one of {', '.join(READERS)}")
-        if self.fmt not in ("h5", "zarr"):
-            raise ExtractError(f"--format {self.fmt!r}: use h5 or zarr")
-        if self.batch_size < 1:
-            raise ExtractError(f"--batch-size {self.batch_size}: must be ≥ 1")
-        if self.read_timeout < 0:
-            raise ExtractError(f"--read-timeout {self.read_timeout}: must be ≥ 0 (0: no limit)")
-
-    def key(self, weights_id: str, specs: Sequence[str]) -> str:
-        settings = {
-            "encoder": self.encoder,
-            "weights_id": weights_id,
-            "specs": sorted(specs),
-            "precision": self.precision,
-            "fmt": self.fmt,
-            "fp16_features": self.fp16_features,
-            "stain": hashlib.sha1(self.stain.read_bytes()).hexdigest() if self.stain else None,
-            "multiscale": self.multiscale,
-        }
-        return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def _stain_sample(slide: Slide, grid: TileGrid, n: int, size: int) -> torch.Tensor:
     """Up to ``n`` of the most tissue-rich tiles, spread over the slide, as (n, 3, size, size) uint8."""
     if len(grid) == 0:
@@ -374,27 +270,73 @@ def _join_multiscale(
     coarse = [g for g in grids[1:] if g.spec.name in fine.parents]
     if not coarse:
         return None
-    base = read_bag(paths[fine.spec.name])
-    rows = base.tile_index if base.tile_index is not None else np.arange(len(base))
-    for grid in coarse:
-        other = read_bag(paths[grid.spec.name])
-        lut = np.full(len(grid), -1, np.int64)
-        if other.tile_index is not None:
-            lut[other.tile_index] = np.arange(len(other))
-        parent = fine.parents[grid.spec.name][rows]
-        row = np.full(len(parent), -1, np.int64)
-        row[parent >= 0] = lut[parent[parent >= 0]]  # a coarse grid may keep no tile at all
-        feats = np.zeros((len(base), other.dim), other.features.dtype)
-        feats[row >= 0] = other.features[row[row >= 0]]
-        base.context[grid.spec.name] = feats
-        base.context_index[grid.spec.name] = row
-    name = "+".join(g.spec.name for g in [fine, *coarse])
-    base.attrs.update(tile_spec=name, multiscale_specs=[g.spec.name for g in [fine, *coarse]])
-    base.attrs.pop("source_format", None)
-    base.attrs.pop("coords_unit", None)
-    dest = bag_path(job, name, encoder_name, slide_id, fmt)
+    contexts = [
+        (g.spec.name, read_bag(paths[g.spec.name]), fine.parents[g.spec.name], len(g)) for g in coarse
+    ]
+    joined = join_context(read_bag(paths[fine.spec.name]), contexts)
+    dest = bag_path(job, joined.attrs["tile_spec"], encoder_name, slide_id, fmt)
     clear_stale_temps(dest)
-    return write_bag(dest, base, fmt=fmt)
+    return write_bag(dest, joined, fmt=fmt)
+
+
+def _encode_spec(
+    slide: Slide,
+    grid: TileGrid,
+    run: Runtime,
+    dest: Path,
+    cfg: ExtractConfig,
+    workers: int,
+    on_tiles: Callable[[int], None] | None,
+    before: tuple[int, int, int] | None,
+) -> tuple[list[tuple[int, int, str]], dict[str, float], float]:
+    """One spec's bag at ``dest``: (skipped tiles, seconds per part, total seconds). The bag is kept only
+    when the slide file is still in its ``before`` state (a slide replaced or truncated meanwhile fails)."""
+    clear_stale_temps(dest)  # a killed run's leftovers (run_batch holds the slide's lock)
+    stain = run.stain.describe() if run.stain is not None else None
+    attrs = _bag_attrs(grid, slide, run, stain, cfg)
+    features = "float16" if cfg.fp16_features else "float32"
+    t0, parts = time.perf_counter(), {}
+    with BagWriter(dest, run.encoder.dim, attrs, grid.attrs, cfg.fmt, features, cfg.compression) as writer:
+        skipped = extract_grid(
+            slide, grid, run, writer, cfg.batch_size, workers, on_tiles, parts, cfg.reader, cfg.read_timeout
+        )
+        writer.attrs["skipped_errors"] = [f"({x}, {y}): {e}" for x, y, e in skipped[:_MAX_RECORDED_ERRORS]]
+        if (now := _file_state(slide.path)) != before:  # raised inside: the bag is not kept
+            raise ExtractError(
+                f"{slide.path}: the slide file {'disappeared' if now is None else 'changed'} "
+                f"during extraction at {grid.spec.name}; restore it and rerun with --retry-failed"
+            )
+    return skipped, parts, time.perf_counter() - t0
+
+
+def _record(info: dict[str, Any], grid: TileGrid, skipped: list, parts: dict[str, float], seconds: float):
+    """A spec's counts and timings in the slide's status info; returns its warnings."""
+    name = grid.spec.name
+    info["tiles"][name] = len(grid) - len(skipped)
+    info["skipped"][name] = [[x, y] for x, y, _ in skipped]
+    info["tiles_per_s"][name] = round(len(grid) / seconds, 2) if seconds > 0 else None
+    info["seconds"][name] = {"total": round(seconds, 3), **{k: round(v, 3) for k, v in parts.items()}}
+    warnings = []
+    if skipped:
+        x, y, error = skipped[0]
+        warnings.append(
+            f"{len(skipped)} of {len(grid)} tiles at {name} could not be read and were skipped, "
+            f"e.g. ({x}, {y}): {error}"
+        )
+    if len(grid) == 0:
+        warnings.append(f"no tiles at {name}: wrote an empty (0, D) bag")
+    return warnings
+
+
+def _read_grids(job: Path, slide_id: str, specs: Sequence[str]) -> list[TileGrid]:
+    """The slide's grids for ``specs``, fine → coarse."""
+    grids = []
+    for name in specs:
+        path = grid_path(job, name, slide_id)
+        if not path.is_file():
+            raise ExtractError(f"{path}: no coordinates for {slide_id} at {name}; run `wsikit tile` first")
+        grids.append(read_grid(path))
+    return sorted(grids, key=lambda g: spec_key(g.spec))
 
 
 def extract_one(
@@ -409,15 +351,7 @@ def extract_one(
 ) -> StageResult:
     """Extract one slide's bags for ``specs`` (fine → coarse) into ``job_dir``."""
     job = Path(job_dir)
-    grids = []
-    for name in specs:
-        path = grid_path(job, name, entry.slide_id)
-        if not path.is_file():
-            raise ExtractError(
-                f"{path}: no coordinates for {entry.slide_id} at {name}; run `wsikit tile` first"
-            )
-        grids.append(read_grid(path))
-    grids.sort(key=lambda g: (g.spec.size * g.spec.mpp, g.spec.mpp))
+    grids = _read_grids(job, entry.slide_id, specs)
     slide_path = Path(grids[0].attrs.get("slide_path") or entry.path)
     outputs: list[str] = []
     warnings: list[str] = []
@@ -426,65 +360,14 @@ def extract_one(
     info["reader"] = cfg.reader
     before = _file_state(slide_path)
     with open_slide(slide_path, cfg.backend, mpp=grids[0].slide_mpp, slide_id=entry.slide_id) as slide:  # type: ignore[arg-type]
-        slide_stain = None
-        if stain is not None:
-            sample = _stain_sample(slide, grids[0], cfg.stain_sample, runtime.encoder.input_size)
-            slide_stain = stain.for_slide(sample.to(runtime.device)) if len(sample) else stain
-        run = Runtime(runtime.encoder, runtime.device, runtime.autocast, runtime.channels_last, slide_stain)
-        stain_info = slide_stain.describe() if slide_stain is not None else None
+        run = runtime.for_slide(slide, grids[0], stain, cfg.stain_sample)
         paths: dict[str, Path] = {}
         for grid in grids:
             dest = bag_path(job, grid.spec.name, runtime.encoder.name, entry.slide_id, cfg.fmt)
-            clear_stale_temps(dest)  # a killed run's leftovers (run_batch holds the slide's lock)
-            attrs = _bag_attrs(grid, slide, run, stain_info, cfg)
-            t0 = time.perf_counter()
-            parts: dict[str, float] = {}
-            with BagWriter(
-                dest,
-                runtime.encoder.dim,
-                attrs,
-                grid.attrs,
-                cfg.fmt,
-                "float16" if cfg.fp16_features else "float32",
-                cfg.compression,
-            ) as writer:
-                skipped = extract_grid(
-                    slide,
-                    grid,
-                    run,
-                    writer,
-                    cfg.batch_size,
-                    workers,
-                    on_tiles,
-                    parts,
-                    cfg.reader,
-                    cfg.read_timeout,
-                )
-                writer.attrs["skipped_errors"] = [
-                    f"({x}, {y}): {e}" for x, y, e in skipped[:_MAX_RECORDED_ERRORS]
-                ]
-                if (now := _file_state(slide_path)) != before:  # raised inside: the bag is not kept
-                    raise ExtractError(
-                        f"{slide_path}: the slide file {'disappeared' if now is None else 'changed'} "
-                        f"during extraction at {grid.spec.name}; restore it and rerun with --retry-failed"
-                    )
-            seconds = time.perf_counter() - t0
+            skipped, parts, seconds = _encode_spec(slide, grid, run, dest, cfg, workers, on_tiles, before)
             paths[grid.spec.name] = dest
             outputs.append(str(dest))
-            info["tiles"][grid.spec.name] = len(grid) - len(skipped)
-            info["skipped"][grid.spec.name] = [[x, y] for x, y, _ in skipped]
-            info["tiles_per_s"][grid.spec.name] = round(len(grid) / seconds, 2) if seconds > 0 else None
-            info["seconds"][grid.spec.name] = {
-                "total": round(seconds, 3),
-                **{k: round(v, 3) for k, v in parts.items()},
-            }
-            if skipped:
-                warnings.append(
-                    f"{len(skipped)} of {len(grid)} tiles at {grid.spec.name} could not be read and were "
-                    f"skipped, e.g. ({skipped[0][0]}, {skipped[0][1]}): {skipped[0][2]}"
-                )
-            if len(grid) == 0:
-                warnings.append(f"no tiles at {grid.spec.name}: wrote an empty (0, D) bag")
+            warnings += _record(info, grid, skipped, parts, seconds)
         if cfg.multiscale and len(grids) > 1:
             joined = _join_multiscale(job, grids, paths, runtime.encoder.name, entry.slide_id, cfg.fmt)
             if joined is not None:
@@ -492,7 +375,7 @@ def extract_one(
     info["settings"] = cfg.key(runtime.encoder.weights_id, [g.spec.name for g in grids])
     info["encoder"] = runtime.encoder.name
     info["weights_id"] = runtime.encoder.weights_id
-    info["stain"] = stain_info["method"] if stain_info else None
+    info["stain"] = run.stain.describe()["method"] if run.stain is not None else None
     return StageResult(outputs, info, warnings)
 
 
@@ -531,6 +414,15 @@ def resolve_specs(job_dir: str | os.PathLike, names: Sequence[str]) -> list[str]
     return [n for n in available if n in names]
 
 
+def extraction_slides(job_dir: str | os.PathLike, cfg: ExtractConfig) -> tuple[list[str], list[SlideEntry]]:
+    """The specs to encode (``cfg.specs`` or every tiled one) and the slides tiled at all of them."""
+    specs = resolve_specs(job_dir, cfg.specs)
+    entries = job_slides(job_dir, specs)
+    if not entries:
+        raise JobError(f"{job_dir}: no slides tiled at {', '.join(specs)}; run `wsikit tile` first")
+    return specs, entries
+
+
 @dataclass
 class Extractor:
     """Everything built once per run: the encoder on its device, autocast, workers, stain normalizer."""
@@ -543,20 +435,23 @@ class Extractor:
     @classmethod
     def build(cls, cfg: ExtractConfig, encoder: Encoder | None = None) -> Extractor:
         tune_malloc()
-        if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(allotted_cpus())
+        set_threads()
         device = resolve_device(cfg.device)
         enc = encoder or get_encoder(cfg.encoder, cfg.weights, cfg.pretrained, device)
         enc.model.to(device)
         prepare_model(enc, cfg.channels_last, cfg.compile)
-        autocast = resolve_precision(cfg.precision, device, enc)
-        stain = None
-        if cfg.stain is not None:
-            from wsikit.stain import load_normalizer
-
-            stain = load_normalizer(cfg.stain)
+        autocast = resolve_precision(cfg.precision, device, enc.precision)
+        stain = load_normalizer(cfg.stain) if cfg.stain is not None else None
         workers = default_workers(device) if cfg.workers is None else cfg.workers
         return cls(cfg, Runtime(enc, device, autocast, cfg.channels_last), workers, stain)
+
+    def describe(self) -> str:
+        """One line: encoder, dimension, weights, device, precision, readers, batch size."""
+        rt, enc = self.runtime, self.runtime.encoder
+        return (
+            f"{enc.name} ({enc.dim}-d, weights {enc.weights_id[:23]}) on {rt.device}, "
+            f"{rt.describe()['autocast']}, {self.workers} reader(s), batch {self.cfg.batch_size}"
+        )
 
     def run(
         self,
@@ -597,9 +492,7 @@ def run_extraction(
     **callbacks: Any,
 ) -> BatchSummary:
     """Extract bags for a tiled job (all its slides, or ``entries``); the Python entry point."""
-    specs = resolve_specs(job_dir, cfg.specs)
-    if entries is None:
-        entries = job_slides(job_dir, specs)
-    if not entries:
-        raise JobError(f"{job_dir}: no tiled slides with coordinates for {', '.join(specs)}")
-    return Extractor.build(cfg, encoder).run(entries, job_dir, specs, overwrite, retry_failed, **callbacks)
+    specs, tiled = extraction_slides(job_dir, cfg)
+    return Extractor.build(cfg, encoder).run(
+        tiled if entries is None else entries, job_dir, specs, overwrite, retry_failed, **callbacks
+    )

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsikit.jobs import atomic_path
+from wsikit.io import atomic_path
 
 
 def find_target_layer(model: nn.Module, example: torch.Tensor, min_side: int = 4) -> nn.Module:

@@ -14,7 +14,7 @@ batches), ``focal`` (focal loss, γ = ``focal_gamma``, class-weighted α) or ``n
 Selection uses only the validation split: the epoch with the best validation AUROC (or loss) is kept,
 training stops after ``patience`` epochs without improvement, and the temperature (calibration) and
 decision threshold are fitted on validation logits and stored in the checkpoint; scoring is in
-:mod:`wsikit.core.evaluate`.
+:mod:`wsikit.images.evaluate`.
 """
 
 from __future__ import annotations
@@ -35,19 +35,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsikit import metrics as M
-from wsikit.core.augment import default_preset, get_augment
-from wsikit.core.data import ImageSet, kfold_set, split_set
-from wsikit.core.evaluate import (
+from wsikit.images.augment import default_preset, get_augment
+from wsikit.images.data import ImageSet, kfold_set, split_set
+from wsikit.images.evaluate import (
     ImageTensors,
     evaluate_classifier,
     evaluate_logits,
     predict_logits,
     prepare_batch,
     probabilities,
-    resolve_device,
 )
-from wsikit.core.models import Classifier, ModelConfig, build_classifier, save_classifier
-from wsikit.jobs import atomic_path, write_json
+from wsikit.images.models import Classifier, build_classifier, save_classifier
+from wsikit.images.settings import ModelConfig, TrainConfig
+from wsikit.io import atomic_path, write_json
+from wsikit.reports import write_report
+from wsikit.runtime import resolve_device, save_checkpoint
 
 MODES = ("transfer", "finetune", "scratch")
 IMBALANCE = ("weights", "sampler", "focal", "none")
@@ -55,30 +57,6 @@ IMBALANCE = ("weights", "sampler", "focal", "none")
 
 class TrainError(ValueError):
     """A training setting that cannot work; the message says what to change."""
-
-
-@dataclass
-class TrainConfig:
-    mode: str = "transfer"
-    epochs: int = 20  # total, including the head-only epochs of transfer
-    head_epochs: int = 2
-    lr: float = 3e-4
-    head_lr: float = 3e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    imbalance: str = "weights"
-    focal_gamma: float = 2.0
-    monitor: str = "auroc"  # auroc | loss (validation)
-    patience: int = 5
-    augment: str = "auto"  # histology | xray | none | auto (xray for grey sets, histology for colour)
-    color_jitter: float = 0.0
-    threshold_method: str = "youden"
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True  # mixed precision on CUDA only
-    num_workers: int = 0
-    resume: bool = False
-    max_minutes: float | None = None  # stop after the epoch that passes this wall-clock budget
 
 
 @dataclass
@@ -186,7 +164,7 @@ def _val_score(data: ImageSet, logits: np.ndarray, loss_fn: nn.Module) -> tuple[
     loss = float(loss_fn(torch.as_tensor(logits), y.float() if data.multilabel else y))
     if data.multilabel:
         p = probabilities(logits, True)
-        auroc = M._nanmean([M.binary_auroc(data.labels[:, k], p[:, k]) for k in range(p.shape[1])])
+        auroc = M.nanmean([M.binary_auroc(data.labels[:, k], p[:, k]) for k in range(p.shape[1])])
     else:
         auroc = M.auroc_metric(data.labels, probabilities(logits, False))
     return auroc, loss
@@ -199,6 +177,128 @@ def _set_backbone_frozen(model: Classifier, frozen: bool) -> None:
         model.backbone.eval()  # batch-norm running statistics stay the pretrained ones
 
 
+@dataclass
+class _Run:
+    """A classifier's training loop state: model, loss, augmentation, loader, optimiser and history."""
+
+    cfg: TrainConfig
+    mcfg: ModelConfig
+    model: Classifier
+    loss_fn: nn.Module
+    aug: Any
+    loader: torch.utils.data.DataLoader
+    device: torch.device
+    head_epochs: int
+    log: Callable[[str], None]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"score": -math.inf, "epoch": 0})
+    best_state: Any = None
+    epoch: int = 0
+    stale: int = 0
+    phase: str = "full"
+
+    def __post_init__(self) -> None:
+        self.phase = "head" if self.head_epochs else "full"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cfg.amp and self.device.type == "cuda")
+        self.opt, self.sched = self.make_opt(self.phase)
+
+    def make_opt(self, phase: str) -> tuple[torch.optim.Optimizer, Any]:
+        """AdamW with cosine decay over the phase: the head alone (``head``) or the whole network."""
+        cfg = self.cfg
+        if phase == "head":
+            params, lr, n = self.model.head.parameters(), cfg.head_lr, self.head_epochs
+        else:
+            params, lr, n = self.model.parameters(), cfg.lr, cfg.epochs - self.head_epochs
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        steps = max(1, n * len(self.loader))
+        return opt, torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        )
+
+    def resume(self, last: Path) -> None:
+        """Continue from ``last.pt``: weights, optimiser, schedule, history and the random state."""
+        ck = torch.load(last, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(ck["state_dict"])
+        self.epoch, self.history, self.best, self.stale, self.phase = (
+            ck["epoch"], ck["history"], ck["best"], ck["stale"], ck["phase"],
+        )  # fmt: skip
+        self.opt, self.sched = self.make_opt(self.phase)
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.best_state = ck.get("best_state")
+        torch.set_rng_state(ck["rng"])
+        self.log(f"resumed from {last} after epoch {self.epoch}")
+
+    def train_epoch(self, multilabel: bool) -> list[float]:
+        """One pass over the training images (the head alone while the backbone is frozen)."""
+        model, cfg, device, scaler = self.model, self.cfg, self.device, self.scaler
+        model.train()
+        _set_backbone_frozen(model, self.phase == "head")
+        losses = []
+        for x, y in self.loader:
+            x = prepare_batch(x, self.mcfg, device, self.aug)
+            y = y.to(device)
+            with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
+                logits = model(x)
+            loss = self.loss_fn(logits.float(), y.float() if multilabel else y)
+            self.opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            scaler.step(self.opt)
+            scaler.update()
+            if not scaler.is_enabled() or scaler.get_scale() >= scale:  # AMP skips steps with inf gradients
+                self.sched.step()
+            losses.append(float(loss.detach()))
+        return losses
+
+    def record(self, row: dict[str, Any], score: float) -> bool:
+        """Add an epoch's row; keep its weights when ``score`` is the best so far."""
+        self.history.append(row)
+        improved = math.isfinite(score) and score > self.best["score"]
+        if improved:
+            self.best, self.stale = {"score": score, "epoch": row["epoch"]}, 0
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        elif self.phase == "full":
+            self.stale += 1
+        return improved
+
+    def save_last(self, path: Path) -> None:
+        save_checkpoint(
+            path,
+            {
+                "state_dict": self.model.state_dict(), "epoch": self.epoch, "history": self.history,
+                "best": self.best, "stale": self.stale, "phase": self.phase, "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "best_state": self.best_state, "rng": torch.get_rng_state(),
+            },
+        )  # fmt: skip
+
+
+def _start(
+    train: ImageSet,
+    mcfg: ModelConfig,
+    cfg: TrainConfig,
+    weights: str | os.PathLike | None,
+    log: Callable[[str], None],
+) -> _Run:
+    """Seed, build the model (registry or ``weights``), the loss, augmentation and loader."""
+    if cfg.mode not in MODES:
+        raise TrainError(f"mode {cfg.mode!r}: use one of {', '.join(MODES)}")
+    if cfg.monitor not in ("auroc", "loss"):
+        raise TrainError(f"monitor {cfg.monitor!r}: use auroc or loss")
+    _seed_all(cfg.seed)
+    device = resolve_device(cfg.device)
+    mcfg.class_names = list(train.class_names)
+    mcfg.multilabel = train.multilabel
+    model = build_classifier(mcfg, pretrained=cfg.mode != "scratch", weights=weights, device=str(device))
+    log("training images per class: " + ", ".join(f"{k} {v}" for k, v in train.class_counts().items()))
+    loss_fn = make_loss(train, cfg).to(device)
+    preset = default_preset(train.channels) if cfg.augment == "auto" else cfg.augment
+    aug = get_augment(preset, color=cfg.color_jitter) if preset != "none" else None
+    loader = _loader(ImageTensors(train, mcfg.input_size, mcfg.in_chans), cfg, True, cfg.seed)
+    head_epochs = min(cfg.head_epochs, cfg.epochs) if cfg.mode == "transfer" else 0
+    return _Run(cfg, mcfg, model, loss_fn, aug, loader, device, head_epochs, log)
+
+
 def train_classifier(
     train: ImageSet,
     val: ImageSet,
@@ -208,138 +308,64 @@ def train_classifier(
     weights: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train on ``train``, select on ``val``; writes ``best.pt``, ``last.pt`` and ``history.json``."""
-    if cfg.mode not in MODES:
-        raise TrainError(f"mode {cfg.mode!r}: use one of {', '.join(MODES)}")
-    if cfg.monitor not in ("auroc", "loss"):
-        raise TrainError(f"monitor {cfg.monitor!r}: use auroc or loss")
+    """Train on ``train``, select on ``val``; writes ``best.pt``, ``last.pt`` and ``history.json``.
+
+    ``weights``: a local checkpoint for the encoder, used instead of its registry weights."""
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
-    _seed_all(cfg.seed)
-    device = resolve_device(cfg.device)
-    mcfg.class_names = list(train.class_names)
-    mcfg.multilabel = train.multilabel
-    model = build_classifier(mcfg, pretrained=cfg.mode != "scratch", weights=weights, device=str(device))
-    counts = train.class_counts()
-    log("training images per class: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    loss_fn = make_loss(train, cfg).to(device)
-    preset = default_preset(train.channels) if cfg.augment == "auto" else cfg.augment
-    aug = get_augment(preset, color=cfg.color_jitter)
-    loader = _loader(ImageTensors(train, mcfg.input_size, mcfg.in_chans), cfg, True, cfg.seed)
-    head_epochs = min(cfg.head_epochs, cfg.epochs) if cfg.mode == "transfer" else 0
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
-
-    def make_opt(phase: str) -> tuple[torch.optim.Optimizer, Any]:
-        if phase == "head":
-            opt = torch.optim.AdamW(model.head.parameters(), lr=cfg.head_lr, weight_decay=cfg.weight_decay)
-            n = head_epochs
-        else:
-            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-            n = cfg.epochs - head_epochs
-        steps = max(1, n * len(loader))
-        return opt, torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-        )
-
-    history: list[dict[str, Any]] = []
-    best = {"score": -math.inf, "epoch": 0}
-    best_state = None
-    start_epoch, stale = 0, 0
+    run = _start(train, mcfg, cfg, weights, log)
     last_path = out_dir / "last.pt"
-    phase = "head" if head_epochs else "full"
-    opt, sched = make_opt(phase)
     if cfg.resume and last_path.is_file():
-        ck = torch.load(last_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["state_dict"])
-        start_epoch, history, best, stale, phase = (
-            ck["epoch"],
-            ck["history"],
-            ck["best"],
-            ck["stale"],
-            ck["phase"],
-        )
-        opt, sched = make_opt(phase)
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        best_state = ck.get("best_state")
-        torch.set_rng_state(ck["rng"])
-        log(f"resumed from {last_path} after epoch {start_epoch}")
-    for epoch in range(start_epoch, cfg.epochs):
-        if epoch == head_epochs and phase == "head":
-            phase = "full"
-            opt, sched = make_opt(phase)
-        model.train()
-        _set_backbone_frozen(model, phase == "head")
-        t0, losses = time.perf_counter(), []
-        for x, y in loader:
-            x = prepare_batch(x, mcfg, device, aug if preset != "none" else None)
-            y = y.to(device)
-            with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y.float() if train.multilabel else y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-            scaler.step(opt)
-            scaler.update()
-            if not scaler.is_enabled() or scaler.get_scale() >= scale:  # AMP skips steps with inf gradients
-                sched.step()
-            losses.append(float(loss.detach()))
-        val_logits = predict_logits(model, val, mcfg, device)
-        auroc, vloss = _val_score(val, val_logits, loss_fn.cpu())
-        loss_fn.to(device)
-        score = auroc if cfg.monitor == "auroc" else -vloss
+        run.resume(last_path)
+    for epoch in range(run.epoch, cfg.epochs):
+        if epoch == run.head_epochs and run.phase == "head":
+            run.phase = "full"
+            run.opt, run.sched = run.make_opt("full")
+        t0 = time.perf_counter()
+        losses = run.train_epoch(train.multilabel)
+        val_logits = predict_logits(run.model, val, mcfg, run.device)
+        auroc, vloss = _val_score(val, val_logits, run.loss_fn.cpu())
+        run.loss_fn.to(run.device)
         row = {
-            "epoch": epoch + 1, "phase": phase, "train_loss": float(np.mean(losses)), "val_loss": vloss,
+            "epoch": epoch + 1, "phase": run.phase, "train_loss": float(np.mean(losses)), "val_loss": vloss,
             "val_auroc": auroc, "seconds": round(time.perf_counter() - t0, 2),
         }  # fmt: skip
-        history.append(row)
-        improved = math.isfinite(score) and score > best["score"]
+        improved = run.record(row, auroc if cfg.monitor == "auroc" else -vloss)
         log(
-            f"epoch {epoch + 1}/{cfg.epochs} [{phase}] train loss {row['train_loss']:.4f} val loss {vloss:.4f} "
+            f"epoch {epoch + 1}/{cfg.epochs} [{run.phase}] train loss {row['train_loss']:.4f} val loss {vloss:.4f} "
             f"val AUROC {auroc:.4f} ({row['seconds']:.0f}s){' *' if improved else ''}"
         )
-        if improved:
-            best, stale = {"score": score, "epoch": epoch + 1}, 0
-            best_state = copy.deepcopy(model.state_dict())
-        elif phase == "full":
-            stale += 1
-        _save_atomic(
-            {
-                "state_dict": model.state_dict(), "epoch": epoch + 1, "history": history, "best": best,
-                "stale": stale, "phase": phase, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "best_state": best_state, "rng": torch.get_rng_state(),
-            },
-            last_path,
-        )  # fmt: skip
-        if stale >= cfg.patience:
+        run.epoch = epoch + 1
+        run.save_last(last_path)
+        if run.stale >= cfg.patience:
             log(f"early stop: validation {cfg.monitor} did not improve for {cfg.patience} epochs")
             break
         if cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes:
             log(f"time budget: stopping after epoch {epoch + 1} ({cfg.max_minutes:g} min)")
             break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    val_logits = predict_logits(model, val, mcfg, device)
+    return _finish(run, val, out_dir, train.class_counts(), time.perf_counter() - t_start)
+
+
+def _finish(run: _Run, val: ImageSet, out_dir: Path, counts: dict[str, int], seconds: float) -> TrainResult:
+    """The best epoch's model calibrated on validation, saved as ``best.pt`` with ``history.json``."""
+    model, mcfg, cfg = run.model, run.mcfg, run.cfg
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
+    val_logits = predict_logits(model, val, mcfg, run.device)
     temperature, threshold = calibrate(val_logits, val, cfg.threshold_method)
     val_metrics = evaluate_logits(val_logits, val, temperature, threshold)
     ckpt = save_classifier(
         model, mcfg, out_dir / "best.pt", temperature=temperature, threshold=threshold,
-        best_epoch=best["epoch"], train_config=asdict(cfg), class_counts=counts,
+        best_epoch=run.best["epoch"], train_config=asdict(cfg), class_counts=counts,
     )  # fmt: skip
-    seconds = time.perf_counter() - t_start
     write_json(
         out_dir / "history.json",
-        M.jsonable({"history": history, "best_epoch": best["epoch"], "temperature": temperature,
-                    "threshold": threshold, "seconds": seconds, "train_config": asdict(cfg),
-                    "model_config": asdict(mcfg)}),
+        {"history": run.history, "best_epoch": run.best["epoch"], "temperature": temperature,
+         "threshold": threshold, "seconds": seconds, "train_config": asdict(cfg), "model_config": asdict(mcfg)},
     )  # fmt: skip
-    return TrainResult(ckpt, history, best["epoch"], val_metrics, temperature, threshold, seconds, counts)
-
-
-def _save_atomic(obj: dict[str, Any], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    return TrainResult(
+        ckpt, run.history, run.best["epoch"], val_metrics, temperature, threshold, seconds, counts
+    )
 
 
 def calibrate(
@@ -377,14 +403,17 @@ def fit(
     image_level: bool = False,
     log: Callable[[str], None] = print,
     n_boot: int = 1000,
+    weights: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Split (patient-level when possible), train, and evaluate on the test split if there is one."""
+    """Split (patient-level when possible), train, and evaluate on the test split if there is one.
+
+    ``weights``: a local checkpoint for the encoder, used instead of its registry weights."""
     parts = split_set(data, val_fraction, test_fraction, cfg.seed, image_level)
     out_dir = Path(out_dir)
     _write_split(out_dir / "split.csv", data, parts)
     log(f"split: {len(parts['train'])} train / {len(parts['val'])} val / {len(parts['test'])} test images")
     res = train_classifier(
-        data.subset(parts["train"]), data.subset(parts["val"]), mcfg, cfg, out_dir, log=log
+        data.subset(parts["train"]), data.subset(parts["val"]), mcfg, cfg, out_dir, weights, log=log
     )
     out: dict[str, Any] = {"checkpoint": str(res.checkpoint), "best_epoch": res.best_epoch, "seconds": res.seconds,
                            "val": res.val_metrics}  # fmt: skip
@@ -414,9 +443,11 @@ def cross_validate(
     test_fraction: float = 0.0,
     image_level: bool = False,
     log: Callable[[str], None] = print,
+    weights: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """k patient-level folds: each fold trains on k-1 parts (an inner patient-level split picks the
-    epoch, temperature and threshold) and is scored on its held-out part; ``summary`` is mean ± std."""
+    epoch, temperature and threshold) and is scored on its held-out part; ``summary`` is mean ± std.
+    ``weights``: a local checkpoint for the encoder, used instead of its registry weights."""
     folds = kfold_set(data, k, cfg.seed, test_fraction, image_level)
     out_dir = Path(out_dir)
     fold_metrics, test_metrics = [], []
@@ -427,7 +458,13 @@ def cross_validate(
         inner = split_set(sub, 1.0 / max(2, k - 1), 0.0, cfg.seed + i, image_level)
         fold_dir = out_dir / f"fold{i}"
         res = train_classifier(
-            sub.subset(inner["train"]), sub.subset(inner["val"]), copy.deepcopy(mcfg), cfg, fold_dir, log=log
+            sub.subset(inner["train"]),
+            sub.subset(inner["val"]),
+            copy.deepcopy(mcfg),
+            cfg,
+            fold_dir,
+            weights,
+            log=log,
         )
         fold_metrics.append(
             evaluate_classifier(res.checkpoint, data.subset(f.val), fold_dir, "heldout", cfg.device, 0, 0)
@@ -439,5 +476,5 @@ def cross_validate(
     summary: dict[str, Any] = {"k": k, "heldout": M.summarize_folds(fold_metrics)}
     if test_metrics:
         summary["test"] = M.summarize_folds(test_metrics)
-    M.write_report(summary, out_dir, name="cv_report", title=f"{k}-fold cross-validation")
+    write_report(summary, out_dir, name="cv_report", title=f"{k}-fold cross-validation")
     return summary

@@ -18,10 +18,13 @@ import numpy as np
 import torch
 
 from wsikit import metrics as M
-from wsikit.core.augment import Augment, normalize
-from wsikit.core.data import ImageSet
-from wsikit.core.models import Classifier, ModelConfig, load_classifier
-from wsikit.jobs import atomic_path
+from wsikit.images.augment import Augment, normalize
+from wsikit.images.data import ImageSet
+from wsikit.images.models import Classifier, load_classifier
+from wsikit.images.settings import ModelConfig
+from wsikit.io import atomic_path
+from wsikit.reports import plot_roc_pr_reliability, write_report
+from wsikit.runtime import resolve_device
 
 
 class EvaluateError(ValueError):
@@ -78,12 +81,6 @@ class ImageTensors(torch.utils.data.Dataset):
         return x, torch.as_tensor(self.data.labels[i])
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # -- inference -----------------------------------------------------------------------------------------
 def prepare_batch(
     x: torch.Tensor, mcfg: ModelConfig, device: torch.device, aug: Augment | None = None
@@ -134,7 +131,7 @@ def evaluate_logits(
             thr = threshold[k] if threshold is not None else None
             per[name] = M.evaluate_predictions(data.labels[:, k], p[:, k], ["absent", name], thr)
         aurocs = [per[n]["auroc"] for n in data.class_names]
-        return {"n": len(data), "auroc_macro": M._nanmean(aurocs), "labels": per}
+        return {"n": len(data), "auroc_macro": M.nanmean(aurocs), "labels": per}
     probs = probabilities(logits, False, temperature)
     out = M.evaluate_predictions(data.labels, probs, data.class_names, threshold)
     if data.n_classes == 2 and threshold is not None:
@@ -168,10 +165,10 @@ def evaluate_classifier(
     result = evaluate_logits(logits, data, meta.get("temperature", 1.0), meta.get("threshold"), n_boot)
     result.update(checkpoint=str(checkpoint), encoder=mcfg.encoder, weights_id=mcfg.weights_id, split=name)
     out_dir = Path(out_dir)
-    M.write_report(result, out_dir, name=f"{name}_report", title=f"{name}: {Path(checkpoint).name}")
+    write_report(result, out_dir, name=f"{name}_report", title=f"{name}: {Path(checkpoint).name}")
     probs = probabilities(logits, mcfg.multilabel, meta.get("temperature", 1.0))
     if not mcfg.multilabel:
-        M.plot_roc_pr_reliability(data.labels, probs, mcfg.class_names, out_dir, prefix=f"{name}_")
+        plot_roc_pr_reliability(data.labels, probs, mcfg.class_names, out_dir, prefix=f"{name}_")
     write_predictions(
         out_dir / f"{name}_predictions.csv", data.names, probs, mcfg, meta.get("threshold"), data.labels
     )
@@ -238,7 +235,7 @@ def gradcam_sample(
     probs: np.ndarray,
 ) -> Path:
     """Grad-CAM for ``n`` images spread over the classes (predicted class), one PNG grid."""
-    from wsikit.core.gradcam import gradcam, save_gradcam_grid
+    from wsikit.images.gradcam import gradcam, save_gradcam_grid
 
     rng = np.random.default_rng(0)
     labels = data.labels if not data.multilabel else data.labels.argmax(1)

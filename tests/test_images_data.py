@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsikit.core.augment import get_augment, normalize
-from wsikit.core.data import (
+from wsikit.images.augment import get_augment, normalize
+from wsikit.images.data import (
     DataError,
     kfold_set,
     load_folder,
@@ -167,7 +167,8 @@ def test_normalize_grey_uses_mean_of_encoder_stats():
 
 
 def test_adapted_first_conv_equals_replicated_grey():
-    from wsikit.core.models import ModelConfig, build_classifier
+    from wsikit.images.models import build_classifier
+    from wsikit.images.settings import ModelConfig
 
     torch.manual_seed(0)
     with warnings.catch_warnings():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsikit.jobs import read_table
+from wsikit.io import read_table
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}

@@ -27,10 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.stats import rankdata
 
-from wsikit.jobs import atomic_path
-from wsikit.slide import Slide, open_slide, resize
+from wsikit.bags import read_bag
+from wsikit.io import write_png, write_text
+from wsikit.jobs import BatchSummary, SlideEntry, StageResult, run_batch
+from wsikit.mil.evaluate import fold_dirs, load_checkpoint
+from wsikit.reports import save_figure
+from wsikit.runtime import resolve_device
+from wsikit.settings import HeatmapConfig
+from wsikit.slide import Slide, open_slide
+from wsikit.tiles import read_tile
 
 NORMALIZATIONS = ("rank", "percentile", "minmax", "none")
 
@@ -64,14 +72,14 @@ def normalize_scores(scores: np.ndarray, method: str = "rank") -> np.ndarray:
     return np.clip((s - lo) / (hi - lo), 0, 1).astype(np.float32)
 
 
-def tile_size_from_bag(bag: Any) -> int:
+def size_level0_of(bag: Any) -> int:
     """Tile side in level-0 pixels from the bag's coordinate attributes (``patch_size_level0``)."""
     for attrs in (bag.coords_attrs, bag.attrs):
         for key in ("patch_size_level0", "size_level0"):
             if attrs.get(key):
                 return int(attrs[key])
     raise HeatmapError(
-        "the bag does not say its tile size (no patch_size_level0 attribute); pass --tile-size-level0"
+        "the bag does not say its tile size (no patch_size_level0 attribute); pass --size-level0"
     )
 
 
@@ -119,31 +127,6 @@ def blend(thumb: np.ndarray, rgba: np.ndarray, alpha: float = 0.5) -> np.ndarray
     )
 
 
-def read_tile_picture(slide: Slide, xy: tuple[int, int], size_level0: int, out_px: int) -> np.ndarray:
-    """A tile (level-0 square at ``xy``) as an ``out_px`` picture, read from the coarsest sufficient level."""
-    want = size_level0 / out_px
-    level = max((lv for lv, ds in enumerate(slide.level_downsamples) if ds <= want * 1.01), default=0)
-    side = max(1, round(size_level0 / slide.level_downsamples[level]))
-    return resize(slide.read_region(xy, level, (side, side)), (out_px, out_px))
-
-
-def _save_png(path: Path, array: np.ndarray) -> Path:
-    from PIL import Image
-
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-    return path
-
-
-def _save_fig(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def figure(thumb: np.ndarray, overlay: np.ndarray, cmap: str, title: str, label: str, path: Path) -> Path:
     """Original and overlay side by side with a colour bar."""
     import matplotlib
@@ -162,7 +145,7 @@ def figure(thumb: np.ndarray, overlay: np.ndarray, cmap: str, title: str, label:
         ax.axis("off")
     fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=axes, fraction=0.03, pad=0.01, label=label)
     fig.suptitle(title)
-    return _save_fig(fig, path)
+    return save_figure(fig, path, dpi=120, tight="bbox")
 
 
 def montage(slide: Slide, ts: TileScores, norm: np.ndarray, k: int, path: Path, tile_px: int = 160) -> Path:
@@ -184,9 +167,9 @@ def montage(slide: Slide, ts: TileScores, norm: np.ndarray, k: int, path: Path, 
                 continue
             i = int(idx[c])
             x, y = (int(v) for v in ts.coords[i])
-            ax.imshow(read_tile_picture(slide, (x, y), ts.size_level0, tile_px))
+            ax.imshow(read_tile(slide, (x, y), ts.size_level0, tile_px))
             ax.set_title(f"{name} #{c + 1}\n{norm[i]:.2f} @ ({x},{y})", fontsize=7)
-    return _save_fig(fig, path)
+    return save_figure(fig, path, dpi=120, tight="bbox")
 
 
 def write_scores_csv(path: Path, ts: TileScores, norm: np.ndarray) -> Path:
@@ -198,9 +181,7 @@ def write_scores_csv(path: Path, ts: TileScores, norm: np.ndarray) -> Path:
         ts.coords.tolist(), ts.scores.tolist(), norm.tolist(), rank.tolist(), strict=True
     ):
         w.writerow([x, y, ts.size_level0, ts.size_level0, f"{s:.6g}", f"{n:.6f}", r])
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-    return path
+    return write_text(path, buf.getvalue())
 
 
 def write_scores_geojson(path: Path, ts: TileScores, norm: np.ndarray) -> Path:
@@ -216,9 +197,7 @@ def write_scores_geojson(path: Path, ts: TileScores, norm: np.ndarray) -> Path:
                 "properties": {"objectType": "tile", "measurements": {"score": raw, "score_norm": n}},
             }
         )
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-    return path
+    return write_text(path, json.dumps({"type": "FeatureCollection", "features": features}))
 
 
 def render(
@@ -256,8 +235,8 @@ def render(
     }
     paths = {
         "heatmap": figure(thumb, overlay, cmap, title or slide.slide_id, label.get(normalize, "score"), out),
-        "overlay": _save_png(Path(f"{stem}_overlay.png"), overlay),
-        "rgba": _save_png(Path(f"{stem}_rgba.png"), rgba),
+        "overlay": write_png(Path(f"{stem}_overlay.png"), overlay),
+        "rgba": write_png(Path(f"{stem}_rgba.png"), rgba),
         "montage": montage(slide, ts, norm, top_k, Path(f"{stem}_montage.png")),
         "csv": write_scores_csv(Path(f"{stem}_scores.csv"), ts, norm),
         "geojson": write_scores_geojson(Path(f"{stem}.geojson"), ts, norm),
@@ -269,15 +248,10 @@ def model_tile_scores(
     model_dir: str | os.PathLike,
     bag_path: str | os.PathLike,
     device: str = "auto",
-    tile_size_level0: int | None = None,
+    size_level0: int | None = None,
 ) -> tuple[TileScores, dict[str, Any]]:
     """Tile scores of a bag under a trained fold model (or every fold of a run: mean of rank-normalised
     scores), and the slide-level calibrated prediction."""
-    import torch
-
-    from wsikit.bags import read_bag
-    from wsikit.mil.evaluate import fold_dirs, load_checkpoint, resolve_device
-
     bag = read_bag(bag_path)
     if len(bag) == 0:
         raise HeatmapError(f"{bag_path}: the bag has no tiles")
@@ -301,7 +275,7 @@ def model_tile_scores(
         "probabilities": {c: float(v) for c, v in zip(names, p, strict=True)},
         "score_kind": getattr(folds[0].model, "score_kind", "attention"),
     }
-    size = tile_size_level0 or tile_size_from_bag(bag)
+    size = size_level0 or size_level0_of(bag)
     return TileScores(np.asarray(bag.coords, np.int64), raw.astype(np.float64), size, info), info
 
 
@@ -316,12 +290,27 @@ def heatmap_for_slide(
     max_side: int = 2048,
     top_k: int = 8,
     device: str = "auto",
-    mpp: float | None = None,
-    tile_size_level0: int | None = None,
+    size_level0: int | None = None,
 ) -> dict[str, Path]:
     """Score the bag with the model and draw it over the slide; returns the written paths."""
-    ts, info = model_tile_scores(model_dir, bag_path, device, tile_size_level0)
-    with open_slide(slide_path, mpp=mpp) as slide:
+    ts, info = model_tile_scores(model_dir, bag_path, device, size_level0)
+    with open_slide(slide_path) as slide:
         pred = ", ".join(f"{c} {p:.2f}" for c, p in info["probabilities"].items())
         title = f"{slide.slide_id} — {info['model']} ({pred})"
         return render(slide, ts, out, normalize, cmap, alpha, max_side, top_k, title)
+
+
+def heatmap_job(
+    entry: SlideEntry, job_dir: str | os.PathLike, cfg: HeatmapConfig, bag: Path, overwrite: bool = False
+) -> BatchSummary:
+    """The `heatmap` stage of a job for one slide: ``<job>/heatmaps/<slide_id>.png`` and its siblings,
+    with :func:`wsikit.jobs.run_batch` semantics (skip done, lock, failure record)."""
+
+    def work(e: SlideEntry) -> StageResult:
+        out = Path(job_dir) / "heatmaps" / f"{e.slide_id}.png"
+        written = heatmap_for_slide(
+            cfg.model, e.path, bag, out, cfg.normalize, cfg.cmap, cfg.alpha, cfg.max_side, cfg.top_k
+        )
+        return StageResult(outputs=[str(p) for p in written.values()])
+
+    return run_batch("heatmap", [entry], work, job_dir, overwrite=overwrite)

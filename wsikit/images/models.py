@@ -12,47 +12,19 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from wsikit.jobs import atomic_path
+from wsikit.images.settings import ModelConfig
+from wsikit.runtime import read_config_checkpoint, save_checkpoint
 
 
 class ModelError(ValueError):
     """A model that cannot be built or loaded; the message says what to change."""
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild a classifier."""
-
-    encoder: str = "efficientnet-lite0"
-    class_names: list[str] = field(default_factory=lambda: ["0", "1"])
-    multilabel: bool = False
-    in_chans: int = 3
-    small_input: bool = False
-    dropout: float = 0.0
-    input_size: int = 224
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    weights_id: str = "random"
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def norm_mean(self) -> tuple[float, ...]:
-        """Mean for the model's input channels (averaged over RGB for an adapted 1-channel stem)."""
-        return self.mean if self.in_chans == 3 else (sum(self.mean) / 3,)
-
-    @property
-    def norm_std(self) -> tuple[float, ...]:
-        return self.std if self.in_chans == 3 else (sum(self.std) / 3,)
 
 
 class Classifier(nn.Module):
@@ -129,23 +101,16 @@ def build_classifier(
 
 def save_classifier(model: Classifier, cfg: ModelConfig, path: str | os.PathLike, **meta: Any) -> Path:
     """Atomically write ``{config, state_dict, meta}``."""
-    with atomic_path(path) as tmp:
-        torch.save({"config": asdict(cfg), "state_dict": model.state_dict(), "meta": meta}, tmp)
-    return Path(path)
+    return save_checkpoint(path, {"config": asdict(cfg), "state_dict": model.state_dict(), "meta": meta})
 
 
 def load_classifier(
     path: str | os.PathLike, device: str = "cpu"
 ) -> tuple[Classifier, ModelConfig, dict[str, Any]]:
     """(model in eval mode, config, meta) from :func:`save_classifier`; nothing is downloaded."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-        cfg = ModelConfig(**ckpt["config"])
-    except (OSError, KeyError, TypeError, RuntimeError) as exc:
-        raise ModelError(
-            f"{path}: not a wsikit classifier checkpoint ({exc}); train one with wsikit patches train"
-        ) from exc
+    ckpt, cfg = read_config_checkpoint(
+        path, ModelConfig, ModelError, "train one with wsikit patches train", device
+    )
     weights_id = cfg.weights_id
     model = build_classifier(cfg, pretrained=False, device=device)
     cfg.weights_id = weights_id
