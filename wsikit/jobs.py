@@ -260,15 +260,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def slide_lock(
+def acquire_lock(
     job_dir: str | os.PathLike, stage: str, slide_id: str, stale_after: float = STALE_LOCK_SECONDS
-) -> Iterator[bool]:
-    """Try to take the per-slide lock; yields True when held (and releases it), False when busy.
-
-    A lock whose process is dead on this host, or that is older than ``stale_after`` seconds,
-    is reclaimed.
-    """
+) -> Path | None:
+    """Take the per-slide lock; returns its path when now held (release it with :func:`release_lock`),
+    None when another live process holds it. A lock whose process is dead on this host, or that is
+    older than ``stale_after`` seconds, is reclaimed."""
     path = Path(job_dir) / "locks" / stage / f"{slide_id}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
@@ -280,17 +277,30 @@ def slide_lock(
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 continue
-            yield False
-            return
+            return None
         with os.fdopen(fd, "w") as fh:
             json.dump(me, fh)
-        try:
-            yield True
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        return
-    yield False
+        return path
+    return None
+
+
+def release_lock(path: Path) -> None:
+    """Let go of a lock taken by :func:`acquire_lock`."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+@contextlib.contextmanager
+def slide_lock(
+    job_dir: str | os.PathLike, stage: str, slide_id: str, stale_after: float = STALE_LOCK_SECONDS
+) -> Iterator[bool]:
+    """Try to take the per-slide lock; yields True when held (and releases it), False when busy."""
+    path = acquire_lock(job_dir, stage, slide_id, stale_after)
+    try:
+        yield path is not None
+    finally:
+        if path is not None:
+            release_lock(path)
 
 
 def _lock_is_stale(path: Path, stale_after: float) -> bool:
@@ -337,6 +347,91 @@ class BatchSummary:
             getattr(self, name).extend(getattr(other, name))
 
 
+def _wanted(
+    stage: str,
+    entry: SlideEntry,
+    job_dir: str | os.PathLike,
+    overwrite: bool,
+    retry_failed: bool,
+    outdated: Callable[[Status], bool] | None,
+) -> tuple[bool, Status | None, bool]:
+    """(whether the slide is to be worked on, its previous record, whether a done record is redone)."""
+    previous = read_status(job_dir, stage, entry.slide_id)
+    redo = overwrite or (
+        previous is not None and previous.state == "done" and outdated is not None and outdated(previous)
+    )
+    return not (previous and not redo and (previous.state == "done" or not retry_failed)), previous, redo
+
+
+def pending_slides(
+    stage: str,
+    entries: Iterable[SlideEntry],
+    job_dir: str | os.PathLike,
+    overwrite: bool = False,
+    retry_failed: bool = False,
+    outdated: Callable[[Status], bool] | None = None,
+) -> list[SlideEntry]:
+    """The slides :func:`claim_slide` would work on now (locks aside): for progress totals."""
+    return [e for e in entries if _wanted(stage, e, job_dir, overwrite, retry_failed, outdated)[0]]
+
+
+def claim_slide(
+    stage: str,
+    entry: SlideEntry,
+    job_dir: str | os.PathLike,
+    overwrite: bool = False,
+    retry_failed: bool = False,
+    outdated: Callable[[Status], bool] | None = None,
+) -> tuple[str, Path | None]:
+    """Decide whether this process works on a slide now: ``("todo", lock)`` with the slide's lock held,
+    or ``("skipped", None)`` (recorded done, or failed without ``retry_failed``; done meanwhile by another
+    process) or ``("busy", None)`` (locked by another live process).
+
+    A slide recorded done is redone with ``overwrite`` or when ``outdated(record)`` says its settings no
+    longer match.
+    """
+    wanted, previous, redo = _wanted(stage, entry, job_dir, overwrite, retry_failed, outdated)
+    if not wanted:
+        return "skipped", None
+    lock = acquire_lock(job_dir, stage, entry.slide_id)
+    if lock is None:
+        return "busy", None
+    # another process may have finished the slide between our check and the lock
+    again = read_status(job_dir, stage, entry.slide_id)
+    if again and not redo and again.finished_at != getattr(previous, "finished_at", None):
+        release_lock(lock)
+        return "skipped", None
+    clear_stale_temps(status_path(job_dir, stage, entry.slide_id))
+    return "todo", lock
+
+
+def record_slide(
+    job_dir: str | os.PathLike,
+    stage: str,
+    slide_id: str,
+    result: StageResult | BaseException,
+    seconds: float,
+) -> Status:
+    """Write a claimed slide's record: ``done`` with ``result``'s outputs, or ``failed`` with the
+    exception's one-line error (and its traceback in ``info``). A record that cannot be written (disk
+    full) raises a :class:`JobError` naming it."""
+    if isinstance(result, BaseException):
+        status = Status(stage, slide_id, "failed", error=one_line(result))
+        status.info["traceback"] = "".join(traceback.format_exception(result, limit=6))
+    else:
+        status = Status(stage, slide_id, "done", result.outputs, result.info, result.warnings)
+    status.seconds = round(seconds, 3)
+    try:
+        write_status(job_dir, status)
+    except OSError as exc:  # disk full or quota: stop here, everything recorded so far stays valid
+        raise JobError(
+            f"{status_path(job_dir, stage, slide_id)}: cannot write the status record "
+            f"({exc.strerror or exc}); free disk space and rerun (recorded slides are kept, this one "
+            "is redone)"
+        ) from exc
+    return status
+
+
 def run_batch(
     stage: str,
     entries: Iterable[SlideEntry],
@@ -350,57 +445,30 @@ def run_batch(
 ) -> BatchSummary:
     """Run ``work`` on each slide with locks, skip-done and per-slide failure records.
 
-    A slide is skipped when its status says done (or failed, unless ``retry_failed``), unless
-    ``overwrite``, or unless ``outdated(record)`` says a done record's settings no longer match.
-    An exception in ``work`` becomes a ``failed`` record and the batch goes on; a status record that
-    cannot be written (disk full) stops the batch with a :class:`JobError`.
+    Which slides are worked on is :func:`claim_slide`'s rule. An exception in ``work`` becomes a
+    ``failed`` record and the batch goes on; a status record that cannot be written (disk full) stops
+    the batch with a :class:`JobError`.
     """
     summary = BatchSummary()
     for entry in entries:
-        previous = read_status(job_dir, stage, entry.slide_id)
-        redo = overwrite or (
-            previous is not None and previous.state == "done" and outdated is not None and outdated(previous)
-        )
-        if previous and not redo and (previous.state == "done" or not retry_failed):
-            summary.skipped.append(entry.slide_id)
+        state, lock = claim_slide(stage, entry, job_dir, overwrite, retry_failed, outdated)
+        if lock is None:
+            getattr(summary, state).append(entry.slide_id)
             if on_end:
                 on_end(entry, None)
             continue
-        with slide_lock(job_dir, stage, entry.slide_id) as held:
-            if not held:
-                summary.busy.append(entry.slide_id)
-                if on_end:
-                    on_end(entry, None)
-                continue
-            # another process may have finished the slide between our check and the lock
-            again = read_status(job_dir, stage, entry.slide_id)
-            if again and not redo and again.finished_at != getattr(previous, "finished_at", None):
-                summary.skipped.append(entry.slide_id)
-                if on_end:
-                    on_end(entry, None)
-                continue
-            clear_stale_temps(status_path(job_dir, stage, entry.slide_id))
+        try:
             if on_start:
                 on_start(entry)
             t0 = time.perf_counter()
             try:
-                result = work(entry)
+                result: StageResult | BaseException = work(entry)
             except Exception as exc:
-                status = Status(stage, entry.slide_id, "failed", error=one_line(exc))
-                status.info["traceback"] = traceback.format_exc(limit=6)
-                summary.failed.append(status)
-            else:
-                status = Status(stage, entry.slide_id, "done", result.outputs, result.info, result.warnings)
-                summary.done.append(status)
-            status.seconds = round(time.perf_counter() - t0, 3)
-            try:
-                write_status(job_dir, status)
-            except OSError as exc:  # disk full or quota: stop here, everything recorded so far stays valid
-                raise JobError(
-                    f"{status_path(job_dir, stage, entry.slide_id)}: cannot write the status record "
-                    f"({exc.strerror or exc}); free disk space and rerun (recorded slides are kept, this one "
-                    "is redone)"
-                ) from exc
+                result = exc
+            status = record_slide(job_dir, stage, entry.slide_id, result, time.perf_counter() - t0)
+        finally:
+            release_lock(lock)
+        (summary.failed if status.state == "failed" else summary.done).append(status)
         if on_end:
             on_end(entry, status)
     return summary
