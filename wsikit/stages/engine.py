@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,7 @@ class Planner:
         """The next segment to read, claiming slides as needed; None when every slide is planned."""
         while not self._queue:
             entry = next(self._entries, None)
-            if entry is None:
+            if entry is None or (self.engine.stop is not None and self.engine.stop()):
                 return None
             self._plan(entry)
         return self._queue.popleft()
@@ -215,8 +215,9 @@ class Engine:
     """One run of the extraction engine over ``entries`` (see the module's docstring)."""
 
     def __init__(self, extractor: Any, job: Path, specs: Sequence[str], overwrite: bool, retry_failed: bool,
-                 callbacks: Callbacks) -> None:  # fmt: skip
+                 callbacks: Callbacks, stop: Callable[[], bool] | None = None) -> None:  # fmt: skip
         self.x, self.cfg, self.runtime = extractor, extractor.cfg, extractor.runtime
+        self.stop = stop
         self.job, self.specs, self.overwrite, self.retry_failed = job, list(specs), overwrite, retry_failed
         self.callbacks = callbacks
         self.stage = extractor.stage
@@ -371,8 +372,8 @@ class Engine:
         pixels, pieces, stains = batcher.take(n)
         rows = len(pixels)
         t = time.perf_counter()
-        if self.runtime.compiled and rows < self.encoding.batch_size:  # one shape: no recompilation
-            pad = self.runtime.zeros(self.encoding.batch_size - rows)
+        if rows < self.encoding.batch_size:  # one shape: features never depend on the batch's other
+            pad = self.runtime.zeros(self.encoding.batch_size - rows)  # rows; no kernel rebuilt for it
             pixels, stains = torch.cat([pixels.to(pad.device), pad]), [*stains, (len(pad), None)]
         feats = self.encoding(pixels, stains)[:rows]
         if self.runtime.device.type == "cuda":  # copy back while the next batch runs

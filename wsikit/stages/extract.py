@@ -182,11 +182,13 @@ class Extractor:
         on_end: Callable[[SlideEntry, Status | None], None] | None = None,
         on_tiles: Callable[[int], None] | None = None,
         on_progress: Callable[[ExtractProgress], None] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> ExtractSummary:
         """Extract every slide with run_batch semantics (skip done, locks, failure records); a slide done
-        with other settings is redone."""
+        with other settings is redone. Once ``stop()`` is true no further slide is claimed (those in
+        flight are finished)."""
         callbacks = Callbacks(on_start, on_end, on_tiles, on_progress)
-        engine = Engine(self, Path(job_dir), specs, overwrite, retry_failed, callbacks)
+        engine = Engine(self, Path(job_dir), specs, overwrite, retry_failed, callbacks, stop)
         summary = engine.run(entries)
         summary.build_seconds = self.build_seconds
         return summary
