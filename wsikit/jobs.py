@@ -347,14 +347,8 @@ class BatchSummary:
             getattr(self, name).extend(getattr(other, name))
 
 
-def _wanted(
-    stage: str,
-    entry: SlideEntry,
-    job_dir: str | os.PathLike,
-    overwrite: bool,
-    retry_failed: bool,
-    outdated: Callable[[Status], bool] | None,
-) -> tuple[bool, Status | None, bool]:
+def _wanted(stage: str, entry: SlideEntry, job_dir: str | os.PathLike, overwrite: bool, retry_failed: bool,
+            outdated: Callable[[Status], bool] | None) -> tuple[bool, Status | None, bool]:  # fmt: skip
     """(whether the slide is to be worked on, its previous record, whether a done record is redone)."""
     previous = read_status(job_dir, stage, entry.slide_id)
     redo = overwrite or (
@@ -363,14 +357,8 @@ def _wanted(
     return not (previous and not redo and (previous.state == "done" or not retry_failed)), previous, redo
 
 
-def pending_slides(
-    stage: str,
-    entries: Iterable[SlideEntry],
-    job_dir: str | os.PathLike,
-    overwrite: bool = False,
-    retry_failed: bool = False,
-    outdated: Callable[[Status], bool] | None = None,
-) -> list[SlideEntry]:
+def pending_slides(stage: str, entries: Iterable[SlideEntry], job_dir: str | os.PathLike, overwrite: bool = False,
+                   retry_failed: bool = False, outdated: Callable[[Status], bool] | None = None) -> list[SlideEntry]:  # fmt: skip
     """The slides :func:`claim_slide` would work on now (locks aside): for progress totals."""
     return [e for e in entries if _wanted(stage, e, job_dir, overwrite, retry_failed, outdated)[0]]
 
@@ -383,13 +371,10 @@ def claim_slide(
     retry_failed: bool = False,
     outdated: Callable[[Status], bool] | None = None,
 ) -> tuple[str, Path | None]:
-    """Decide whether this process works on a slide now: ``("todo", lock)`` with the slide's lock held,
-    or ``("skipped", None)`` (recorded done, or failed without ``retry_failed``; done meanwhile by another
-    process) or ``("busy", None)`` (locked by another live process).
-
-    A slide recorded done is redone with ``overwrite`` or when ``outdated(record)`` says its settings no
-    longer match.
-    """
+    """Whether this process works on a slide now: ``("todo", lock)`` with its lock held, ``("skipped",
+    None)`` (recorded done, or failed without ``retry_failed``; done meanwhile by another process) or
+    ``("busy", None)`` (locked by another live process). A slide recorded done is redone with
+    ``overwrite`` or when ``outdated(record)`` says its settings no longer match."""
     wanted, previous, redo = _wanted(stage, entry, job_dir, overwrite, retry_failed, outdated)
     if not wanted:
         return "skipped", None
@@ -405,13 +390,8 @@ def claim_slide(
     return "todo", lock
 
 
-def record_slide(
-    job_dir: str | os.PathLike,
-    stage: str,
-    slide_id: str,
-    result: StageResult | BaseException,
-    seconds: float,
-) -> Status:
+def record_slide(job_dir: str | os.PathLike, stage: str, slide_id: str, result: StageResult | BaseException,
+                 seconds: float) -> Status:  # fmt: skip
     """Write a claimed slide's record: ``done`` with ``result``'s outputs, or ``failed`` with the
     exception's one-line error (and its traceback in ``info``). A record that cannot be written (disk
     full) raises a :class:`JobError` naming it."""

@@ -61,7 +61,7 @@ class GridWork:
     pending: dict[int, tuple] = field(default_factory=dict)  # lo -> (hi, ok rows, failed, features)
     skipped: list[tuple[int, int, str]] = field(default_factory=list)
     bag: BagWriter | None = None
-    t_first: float | None = None
+    t_first: float | None = None  # when its first tiles reached the engine
 
 
 @dataclass
@@ -278,7 +278,7 @@ class Writer:
             gw.dest, self.dim, gw.attrs, gw.grid.attrs, self.cfg.fmt, features, self.cfg.compression
         )
         gw.bag = bag.__enter__()
-        gw.t_first = time.perf_counter()
+        gw.t_first = gw.t_first or time.perf_counter()
 
     def _finish_grid(self, gw: GridWork) -> None:
         work = gw.slide
