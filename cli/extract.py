@@ -174,7 +174,7 @@ def extract(
     )
     if summary.tiles:
         say(
-            f"encoded {summary.tiles} tiles in {summary.seconds:.1f} s: {summary.tiles_per_s:.1f} tiles/s "
+            f"encoded {summary.tiles} tiles in {summary.seconds:.2f} s: {summary.tiles_per_s:.1f} tiles/s "
             f"(batch {summary.batch_size}, decoding on {summary.decode}; model built in "
             f"{summary.build_seconds:.1f} s before)"
         )

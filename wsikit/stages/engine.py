@@ -321,7 +321,7 @@ class Engine:
     def _chunks(self) -> Iterator[Chunk | ReadFailure]:
         assert self.planner is not None
         if self.x.workers == 0:
-            return inline_chunks(self.planner.next_segment)
+            return inline_chunks(self.planner.next_segment, torch.get_num_threads())
         pool = ReadingPool(self.x.workers, self.runtime.device.type == "cuda", self.cfg.read_timeout)
         return pool.chunks(self.planner.next_segment)
 

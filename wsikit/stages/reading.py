@@ -23,8 +23,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -129,37 +131,96 @@ class SlideCache:
                 self._open.popitem()[1].close()
 
 
-def read_segment(seg: Segment, cache: SlideCache) -> Iterator[Chunk]:
-    """A segment's chunks, in order; a slide that cannot be opened gives one chunk with ``failure``."""
+def read_segment(seg: Segment, cache: SlideCache, threads: ThreadReaders | None = None) -> Iterator[Chunk]:
+    """A segment's chunks, in order; a slide that cannot be opened gives a chunk with ``failure``. With
+    ``threads`` each chunk is read by several threads at once."""
     head = {"slide_key": seg.slide_key, "key": seg.key, "seq": seg.seq}
-    try:
-        source = TileSource(cache.get(seg), seg.coords, seg.size_level0, seg.out_size, seg.reader)
-    except Exception as exc:
-        yield Chunk(**head, part=0, last=True, start=seg.start, batch=None, errors=[], failure=one_line(exc))
-        return
-    items = TileItems(source, seg.ship_streams)
     n, parts = len(seg), max(1, -(-len(seg) // seg.chunk))
-    try:
-        for part in range(parts):
-            lo, hi = part * seg.chunk, min(n, (part + 1) * seg.chunk)
-            batch, _, errors = collate_items([items[i] for i in range(lo, hi)])
-            if any(errors):
-                cache.drop(seg)
+    items = None
+    for part in range(parts):
+        lo, hi = part * seg.chunk, min(n, (part + 1) * seg.chunk)
+        try:
+            if threads is not None:
+                read = threads.read(seg, lo, hi)
+            else:
+                items = items or TileItems(TileSource(cache.get(seg), seg.coords, seg.size_level0, seg.out_size,
+                                                      seg.reader), seg.ship_streams)  # fmt: skip
+                read = [items[i] for i in range(lo, hi)]
+        except Exception as exc:  # the slide cannot be opened (TileItems records a tile's own errors)
             yield Chunk(
-                **head, part=part, last=part == parts - 1, start=seg.start + lo, batch=batch, errors=errors
+                **head,
+                part=part,
+                last=True,
+                start=seg.start + lo,
+                batch=None,
+                errors=[],
+                failure=one_line(exc),
             )
-    finally:
+            break
+        batch, _, errors = collate_items(read)
+        if any(errors) and threads is None:
+            cache.drop(seg)
+        yield Chunk(
+            **head, part=part, last=part == parts - 1, start=seg.start + lo, batch=batch, errors=errors
+        )
+    if items is not None:
         items.source.close()
 
 
-def inline_chunks(next_segment: Callable[[], Segment | None]) -> Iterator[Chunk]:
-    """Segments read one after another in this thread (``workers=0``)."""
+class ThreadReaders:
+    """Threads that read the runs of a chunk at once, each through its own slide and file handles (a
+    handle is reopened after a read error, which must not pull it from under another thread)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="wsikit-read")
+        self._local = threading.local()
+        self._opened: list[SimpleNamespace] = []
+        self._lock = threading.Lock()
+
+    def read(self, seg: Segment, lo: int, hi: int) -> list:
+        """Items ``lo``…``hi - 1`` of a segment, read in ``threads`` runs at once."""
+        step = -(-(hi - lo) // self.threads)
+        runs = [self.pool.submit(self._run, seg, a, min(hi, a + step)) for a in range(lo, hi, step)]
+        return [item for run in runs for item in run.result()]
+
+    def _run(self, seg: Segment, lo: int, hi: int) -> list:
+        mine = getattr(self._local, "state", None)
+        if mine is None:  # this thread's own handles (a namespace the closing thread can see too)
+            mine = self._local.state = SimpleNamespace(cache=SlideCache(), seg=None, items=None)
+            with self._lock:
+                self._opened.append(mine)
+        if mine.seg is not seg:
+            if mine.items is not None:
+                mine.items.source.close()
+            mine.items, mine.seg = None, seg
+            source = TileSource(mine.cache.get(seg), seg.coords, seg.size_level0, seg.out_size, seg.reader)
+            mine.items = TileItems(source, seg.ship_streams)
+        read = [mine.items[i] for i in range(lo, hi)]
+        if any(error for _, _, error in read):
+            mine.cache.drop(seg)
+        return read
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        for mine in self._opened:
+            if mine.items is not None:
+                mine.items.source.close()
+            mine.cache.close()
+
+
+def inline_chunks(next_segment: Callable[[], Segment | None], threads: int = 1) -> Iterator[Chunk]:
+    """Segments read one after another in this thread (``workers=0``), each chunk by ``threads`` threads
+    at once (the model is idle meanwhile, so they have the CPUs to themselves)."""
     cache = SlideCache()
+    readers = ThreadReaders(threads) if threads > 1 else None
     try:
         while (seg := next_segment()) is not None:
-            yield from read_segment(seg, cache)
+            yield from read_segment(seg, cache, readers)
     finally:
         cache.close()
+        if readers is not None:
+            readers.close()
 
 
 class _SegmentReads(IterableDataset):
