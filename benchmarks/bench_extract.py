@@ -54,7 +54,6 @@ from wsikit.tiles import read_tile
 from wsikit.tiling import tile_slide
 
 SPEC = TileSpec(0.5, 256)
-ROOT = Path(__file__).resolve().parents[1]
 STAGE_LINE = re.compile(r"encoded (\d+) tiles in ([\d.]+) s")
 
 
@@ -148,7 +147,8 @@ def cli(job: Path, args: argparse.Namespace, env: dict[str, str], fresh: bool) -
         for sub in ("bags", "status", "locks"):
             shutil.rmtree(job / sub, ignore_errors=True)
     cmd = [sys.executable, "-m", "wsikit.cli.main", "extract", str(job), "-e", args.encoder, "--random-weights",
-           "-b", str(args.batch), *(["-j", str(args.workers)] if args.workers is not None else [])]  # fmt: skip
+           *(["-b", str(args.batch)] if args.batch else []), *(["-j", str(args.workers)] if args.workers is not None else []),
+           *args.cli_args.split()]  # fmt: skip
     status_dir = job / "status" / stage_name(args.encoder)
     log = job.parent / "extract.log"
     c0, t0 = cpu_seconds(resource.RUSAGE_CHILDREN), time.perf_counter()
@@ -192,8 +192,8 @@ def _vm_hwm(pid: int) -> float | None:
 def export_revision(rev: str, dest: Path) -> dict[str, str]:
     """The package at git revision ``rev`` under ``dest`` (wsikit/ with its cli/), as an environment."""
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", rev, "wsikit", "cli"], capture_output=True, check=True
-    )
+        ["git", "archive", rev, "wsikit", "cli"], capture_output=True, check=True
+    )  # this checkout
     dest.mkdir(parents=True)
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     shutil.move(str(dest / "cli"), str(dest / "wsikit" / "cli"))
@@ -204,6 +204,7 @@ def run_rounds(args: argparse.Namespace, job: Path, n_tiles: int, envs: dict[str
     """Interleaved rounds: forward, each code's end-to-end run and its nothing-to-do run, forward."""
     cfg = ExtractConfig(args.encoder, pretrained=False, batch_size=args.batch, workers=args.workers)
     ex = Extractor.build(cfg)
+    args.batch = args.batch or ex.batch_size  # the forward's batch: the CLI's automatic one
     first = sorted(p.stem for p in (job / "tiles" / SPEC.name).glob("*.h5"))[0]
     batches = real_batches(ex, job, first, args.batch)
     rounds = []
@@ -264,7 +265,9 @@ def main() -> None:
     )
     parser.add_argument("mode", choices=("single", "cohort"))
     parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--batch", type=int, default=None, help="default: the CLI's (64 on a CPU, measured on a GPU)"
+    )
     parser.add_argument("--workers", type=int, default=None, help="reading workers (default: wsikit's)")
     parser.add_argument("--tiles", type=int, default=1000, help="single: tiles of the slide")
     parser.add_argument("--slides", type=int, default=100, help="cohort: slides")
@@ -273,13 +276,25 @@ def main() -> None:
     parser.add_argument("--forward-seconds", type=float, default=20.0, help="each pure forward measurement")
     parser.add_argument("--before", default=None, help="git revision to compare with (e.g. 784afb8)")
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="build the slides here and keep them (reused)"
+    )
+    parser.add_argument(
+        "--cli-args", default="", help="more options for `wsikit extract`, e.g. '--decode gpu'"
+    )
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    name = f"single_{args.tiles}" if args.mode == "single" else f"cohort_{args.slides}x{args.tiles_per_slide}"
+    root = args.workdir / name if args.workdir else Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
-        if args.mode == "single":
-            job, n = build_single(root, args.tiles), args.tiles
+        n = args.tiles if args.mode == "single" else args.slides * args.tiles_per_slide
+        if (root / "job").is_dir():
+            job = root / "job"
+        elif args.mode == "single":
+            root.mkdir(parents=True, exist_ok=True)
+            job = build_single(root, args.tiles)
         else:
-            job, n = build_cohort(root, args.slides, args.tiles_per_slide), args.slides * args.tiles_per_slide
+            root.mkdir(parents=True, exist_ok=True)
+            job = build_cohort(root, args.slides, args.tiles_per_slide)
         envs = {"after": {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}}
         if args.before:
             envs["before"] = export_revision(args.before, root / "before")
@@ -293,7 +308,9 @@ def main() -> None:
                 json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **result}, indent=1)
             )
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(root / "before", ignore_errors=True)
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
