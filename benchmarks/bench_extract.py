@@ -161,20 +161,16 @@ def cli(job: Path, args: argparse.Namespace, env: dict[str, str], fresh: bool) -
             done = len(list(status_dir.glob("*.json"))) if status_dir.is_dir() else 0
             if hwm is not None:
                 peaks["end"] = hwm
-                if done >= 10 and "10" not in peaks:
-                    peaks["10"] = hwm
+                for k in (10, 50, 99):
+                    if done >= k and str(k) not in peaks:
+                        peaks[str(k)] = hwm
             time.sleep(0.1)
     err = log.read_text()
     wall, cpu = time.perf_counter() - t0, cpu_seconds(resource.RUSAGE_CHILDREN) - c0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
     found = STAGE_LINE.search(" ".join(err.split()))
-    row = {
-        "wall": wall,
-        "cpu": cpu,
-        "peak_mb_10": peaks.get("10", 0) / 1024,
-        "peak_mb_end": peaks.get("end", 0) / 1024,
-    }
+    row = {"wall": wall, "cpu": cpu, **{f"peak_mb_{k}": v / 1024 for k, v in peaks.items()}}
     if found:
         row.update(tiles=int(found.group(1)), printed_s=float(found.group(2)))
     return row
@@ -201,7 +197,8 @@ def export_revision(rev: str, dest: Path) -> dict[str, str]:
 
 
 def run_rounds(args: argparse.Namespace, job: Path, n_tiles: int, envs: dict[str, dict[str, str]]) -> dict:
-    """Interleaved rounds: forward, each code's end-to-end run and its nothing-to-do run, forward."""
+    """Rounds of: forward, then per code its end-to-end run, forward again, its nothing-to-do run; each
+    run is compared with the mean of the two forward measurements around it."""
     cfg = ExtractConfig(args.encoder, pretrained=False, batch_size=args.batch, workers=args.workers)
     ex = Extractor.build(cfg)
     args.batch = args.batch or ex.batch_size  # the forward's batch: the CLI's automatic one
@@ -211,10 +208,12 @@ def run_rounds(args: argparse.Namespace, job: Path, n_tiles: int, envs: dict[str
     for _ in range(args.rounds):
         row = {"load": os.getloadavg()[0], "forward": [forward(ex, batches, args.forward_seconds)]}
         for name, env in envs.items():
-            row[name] = cli(job, args, env, fresh=True)
-            row[name]["idle"] = cli(job, args, env, fresh=False)
-            row[name]["tiles_s"] = n_tiles / (row[name]["wall"] - row[name]["idle"]["wall"])
-        row["forward"].append(forward(ex, batches, args.forward_seconds))
+            run = cli(job, args, env, fresh=True)
+            row["forward"].append(forward(ex, batches, args.forward_seconds))
+            run["forward"] = statistics.mean(f["tiles_s"] for f in row["forward"][-2:])
+            run["idle"] = cli(job, args, env, fresh=False)
+            run["tiles_s"] = n_tiles / (run["wall"] - run["idle"]["wall"])
+            row[name] = run
         row["load_after"] = os.getloadavg()[0]
         rounds.append(row)
         print(json.dumps(row), flush=True)
@@ -223,11 +222,11 @@ def run_rounds(args: argparse.Namespace, job: Path, n_tiles: int, envs: dict[str
 
 # -- report --------------------------------------------------------------------------------------------
 def summarize(result: dict, names: list[str]) -> list[str]:
-    """Medians over rounds: tiles/s and ratios to the pure forward, start-up, memory, load."""
+    """Medians over rounds of each run's rates and of their ratios to the forward measured around it."""
     rounds, n = result["rounds"], result["tiles"]
     med = statistics.median
-    fwd = med(statistics.mean(f["tiles_s"] for f in r["forward"]) for r in rounds)
-    fwd_cpu = med(statistics.mean(f["cpu_ms_tile"] for f in r["forward"]) for r in rounds)
+    fwd = med(f["tiles_s"] for r in rounds for f in r["forward"])
+    fwd_cpu = med(f["cpu_ms_tile"] for r in rounds for f in r["forward"])
     lines = [
         f"{result['describe']}; {n} tiles, {len(rounds)} round(s), load (1-min) "
         f"{min(r['load'] for r in rounds):.1f}–{max(r['load_after'] for r in rounds):.1f} on {os.cpu_count()} CPUs",
@@ -235,21 +234,24 @@ def summarize(result: dict, names: list[str]) -> list[str]:
     ]
     for name in names:
         runs = [r[name] for r in rounds]
-        outside = med(x["tiles_s"] for x in runs)
-        cpu = med(1000 * (x["cpu"] - x["idle"]["cpu"]) / n for x in runs)
-        whole = med(n / x["wall"] for x in runs)
-        startup = med(x["wall"] - x.get("printed_s", x["wall"] - x["idle"]["wall"]) for x in runs)
-        lines.append(f"  {name}: end to end (stage)    {outside:8.1f} tiles/s   {outside / fwd:.3f}   CPU {cpu:5.1f} ms/tile"
-                     "   (wall − wall with nothing to do)")  # fmt: skip
+        rates = {"stage": [x["tiles_s"] for x in runs], "whole": [n / x["wall"] for x in runs]}
         if all("printed_s" in x for x in runs):
-            printed = med(x["tiles"] / x["printed_s"] for x in runs)
-            lines.append(f"  {name}: stage as printed      {printed:8.1f} tiles/s   {printed / fwd:.3f}"
-                         f"   (the command's own line; agrees with outside ×{printed / outside:.3f})")  # fmt: skip
-        lines.append(f"  {name}: whole command         {whole:8.1f} tiles/s   {whole / fwd:.3f}   start-up "
-                     f"{startup:.1f} s, nothing-to-do run {med(x['idle']['wall'] for x in runs):.1f} s")  # fmt: skip
-        if any(x["peak_mb_end"] for x in runs):
-            lines.append(f"  {name}: peak memory (VmHWM) after 10 slides {med(x['peak_mb_10'] for x in runs):.0f} MB, "
-                         f"at the end {med(x['peak_mb_end'] for x in runs):.0f} MB")  # fmt: skip
+            rates["printed"] = [x["tiles"] / x["printed_s"] for x in runs]
+        ratio = {k: med(v / x["forward"] for v, x in zip(vs, runs, strict=True)) for k, vs in rates.items()}
+        cpu = med(1000 * (x["cpu"] - x["idle"]["cpu"]) / n for x in runs)
+        lines.append(f"  {name}: end to end (stage)    {med(rates['stage']):8.1f} tiles/s   {ratio['stage']:.3f}"
+                     f"   CPU {cpu:5.1f} ms/tile   (wall − wall with nothing to do)")  # fmt: skip
+        if "printed" in rates:
+            agree = med(p / s for p, s in zip(rates["printed"], rates["stage"], strict=True))
+            lines.append(f"  {name}: stage as printed      {med(rates['printed']):8.1f} tiles/s   "
+                         f"{ratio['printed']:.3f}   (the command's own line; ÷ the outside measure: {agree:.3f})")  # fmt: skip
+        startup = med(x["wall"] - x.get("printed_s", x["wall"] - x["idle"]["wall"]) for x in runs)
+        lines.append(f"  {name}: whole command         {med(rates['whole']):8.1f} tiles/s   {ratio['whole']:.3f}"
+                     f"   start-up {startup:.1f} s, nothing-to-do run {med(x['idle']['wall'] for x in runs):.1f} s")  # fmt: skip
+        peaks = {k: med(x.get(f"peak_mb_{k}", 0) for x in runs) for k in ("10", "50", "99", "end")}
+        if peaks["10"]:
+            lines.append(f"  {name}: peak memory (VmHWM) after 10 / 50 / 99 slides / at exit: "
+                         + " / ".join(f"{v:.0f}" for v in peaks.values()) + " MB")  # fmt: skip
     if len(names) == 2:
         a, b = ([r[k]["tiles_s"] for r in rounds] for k in names)
         lines.append(

@@ -19,7 +19,7 @@ from torch import nn
 
 from wsikit.bags import read_bag
 from wsikit.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, get_encoder
-from wsikit.jobs import BatchSummary, Status, read_status, resolve_slides
+from wsikit.jobs import BatchSummary, SlideEntry, Status, read_status, resolve_slides
 from wsikit.runtime import DeviceError, batch_for_memory, is_oom, resolve_devices, split_cpus
 from wsikit.settings import ExtractConfig, TileConfig
 from wsikit.specs import parse_spec
@@ -342,3 +342,41 @@ def test_unused_entries_are_not_claimed_after_stop(job):
     specs = [FINE, "mpp2.00_128px_0ov"]
     summary = ex.run(job_slides(job, specs), job, specs, on_start=calls.append, stop=lambda: len(calls) >= 1)
     assert 1 <= len(summary.done) < 8 and not list((job / "locks").rglob("*.lock"))
+
+
+def test_gpu_decoding_path_ships_jpeg_streams(pyramids, tmp_path, monkeypatch):
+    """``--decode gpu``'s data path on a CPU: workers ship whole JPEG tiles as bytes, the engine decodes
+    and resizes them in batches (here with the CPU decoder), features within rounding of the CPU path."""
+    import wsikit.stages.engine as engine
+    from wsikit.stages.encode import DecodeChoice
+
+    job = tmp_path / "job"
+    cfg = TileConfig((parse_spec("0.5/256/0"),), min_tissue=0.25, align_native=True)  # whole file tiles
+    assert not run_tiling([SlideEntry(pyramids["svs"], "svs")], job, cfg).failed
+    ref = Path(shutil.copytree(job, tmp_path / "cpu"))
+    assert not run_extraction(ref, _cfg(workers=1), encoder=tiny_encoder(256)).failed
+    monkeypatch.setattr(engine, "choose_decode", lambda *a: DecodeChoice("gpu", "test"))
+    shipped = []
+    assemble = engine.assemble_batch
+    monkeypatch.setattr(
+        engine, "assemble_batch", lambda b, *a: shipped.append(len(b.streams)) or assemble(b, *a)
+    )
+    summary = run_extraction(job, _cfg(workers=1), encoder=tiny_encoder(256))
+    assert len(summary.done) == 1 and summary.decode == "gpu" and sum(shipped) > 20
+    got, want = _bags(job), _bags(ref)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=0.05)
+
+
+def test_decode_measurement_on_a_jpeg_pyramid(pyramids):
+    from wsikit.slide import open_slide
+    from wsikit.stages.encode import measure_decode
+    from wsikit.tiles import TileSource
+
+    with open_slide(pyramids["svs"]) as slide:
+        coords = np.array([(x, y) for y in range(0, 1024, 256) for x in range(0, 1024, 256)], np.int64)
+        source = TileSource(slide, coords, 256, 256)
+        cpu, gpu = measure_decode(source, Runtime(tiny_encoder(), torch.device("cpu")), workers=3)
+        assert cpu > 0 and gpu > 0  # on a CPU both are CPU decoders; the choice is tested above
+        shifted = TileSource(slide, coords + 100, 256, 256)  # crops of several file tiles: no streams
+        assert measure_decode(shifted, Runtime(tiny_encoder(), torch.device("cpu")), workers=3) is None

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsikit.decode import decode_jpeg_batch, resize_batch
+from wsikit.decode import decode_jpeg_batch, gpu_decode_error, resize_batch
 from wsikit.encoders import Encoder
 from wsikit.grids import TileGrid
 from wsikit.runtime import DeviceError, batch_for_memory, is_oom
@@ -268,10 +268,11 @@ def choose_decode(
 
 
 def measure_decode(
-    source: TileSource, runtime: Runtime, workers: int, model_rate: float, n: int = 64
+    source: TileSource, runtime: Runtime, workers: int, n: int = 64
 ) -> tuple[float, float] | None:
     """(CPU workers' decoding capacity, the GPU's decoding rate) in tiles/s on ``n`` of a source's whole
-    JPEG tiles, or None when it has none a GPU decodes. The CPU figure is one process's rate × workers."""
+    JPEG tiles, or None when it has none a GPU decodes. The CPU figure is one process's rate × workers;
+    a GPU decoder that fails counts as 0."""
     whole = np.nonzero(source.plan.whole)[0][:n]
     if not source.gpu_decodable or len(whole) < 8:
         return None
@@ -282,6 +283,8 @@ def measure_decode(
     streams = [source.stream(int(i)) for i in whole]
     decode_jpeg_batch(streams[:2], runtime.device)  # initialise nvJPEG
     runtime.synchronize()
+    if gpu_decode_error() is not None:
+        return cpu, 0.0
     t0 = time.perf_counter()
     resize_batch(decode_jpeg_batch(streams, runtime.device), runtime.encoder.input_size)
     runtime.synchronize()

@@ -233,17 +233,19 @@ class Engine:
 
     # -- planning (called by the planner) -----------------------------------------------------------
     def prepare(self, work: SlideWork) -> None:
-        """Read the slide's grids, open it, estimate its stain; fills ``work`` (its grids fine → coarse)."""
+        """Read the slide's grids and, where needed, open it (stain estimate, decoding measurement, a
+        missing file's own error); fills ``work`` (its grids fine → coarse)."""
         enc, cfg = self.runtime.encoder, self.cfg
         grids = read_grids(self.job, work.entry.slide_id, self.specs)
         work.slide_path = Path(grids[0].attrs.get("slide_path") or work.entry.path)
         work.before = file_state(work.slide_path)
-        with open_slide(
-            work.slide_path, cfg.backend, mpp=grids[0].slide_mpp, slide_id=work.entry.slide_id
-        ) as slide:  # type: ignore[arg-type]
-            work.stain = slide_stain(self.runtime, self.x.stain, slide, grids[0], cfg.stain_sample)
-            if self.decode is None:
-                self.decode = self._measure_decode(slide, grids[0])
+        if self.x.stain is not None or self.decode is None or work.before is None:  # else the readers open it
+            with open_slide(
+                work.slide_path, cfg.backend, mpp=grids[0].slide_mpp, slide_id=work.entry.slide_id
+            ) as slide:  # type: ignore[arg-type]
+                work.stain = slide_stain(self.runtime, self.x.stain, slide, grids[0], cfg.stain_sample)
+                if self.decode is None:
+                    self.decode = self._measure_decode(slide, grids[0])
         stain = work.stain.describe() if work.stain is not None else None
         described = enc.describe()
         for grid in grids:

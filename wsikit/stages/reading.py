@@ -101,34 +101,45 @@ class ReadFailure:
 
 
 class SlideCache:
-    """Open slides of one reading process, least recently used first out."""
+    """Open slides, least recently used first out (thread-safe: reading threads share the handles)."""
 
     def __init__(self, size: int = SLIDES_PER_WORKER) -> None:
         self.size = size
         self._open: OrderedDict[tuple, Slide] = OrderedDict()
+        self._retired: list[Slide] = []
+        self._lock = threading.Lock()
 
     def get(self, seg: Segment) -> Slide:
         key = (str(seg.slide_path), seg.backend, seg.slide_mpp, seg.slide_id)
-        if key in self._open:
-            self._open.move_to_end(key)
-            return self._open[key]
-        slide = open_slide(seg.slide_path, seg.backend, mpp=seg.slide_mpp, slide_id=seg.slide_id)  # type: ignore[arg-type]
-        self._open[key] = slide
-        while len(self._open) > self.size:
-            self._open.popitem(last=False)[1].close()
-        return slide
+        with self._lock:
+            if key in self._open:
+                self._open.move_to_end(key)
+                return self._open[key]
+            slide = open_slide(seg.slide_path, seg.backend, mpp=seg.slide_mpp, slide_id=seg.slide_id)  # type: ignore[arg-type]
+            self._open[key] = slide
+            while len(self._open) > self.size:
+                self._close(self._open.popitem(last=False)[1])
+            return slide
 
-    def drop(self, seg: Segment) -> None:
-        """Forget a slide (after a read error some readers refuse every later read)."""
-        slide = self._open.pop((str(seg.slide_path), seg.backend, seg.slide_mpp, seg.slide_id), None)
-        if slide is not None:
-            with contextlib.suppress(Exception):
-                slide.close()
+    def drop(self, seg: Segment, now: bool = True) -> None:
+        """Forget a slide (after a read error some readers refuse every later read); it is closed now or,
+        when other threads may still read through it, with the cache."""
+        with self._lock:
+            slide = self._open.pop((str(seg.slide_path), seg.backend, seg.slide_mpp, seg.slide_id), None)
+            if slide is not None:
+                self._close(slide) if now else self._retired.append(slide)
 
     def close(self) -> None:
-        while self._open:
-            with contextlib.suppress(Exception):
-                self._open.popitem()[1].close()
+        with self._lock:
+            for slide in [*self._open.values(), *self._retired]:
+                self._close(slide)
+            self._open.clear()
+            self._retired.clear()
+
+    @staticmethod
+    def _close(slide: Slide) -> None:
+        with contextlib.suppress(Exception):
+            slide.close()
 
 
 def read_segment(seg: Segment, cache: SlideCache, threads: ThreadReaders | None = None) -> Iterator[Chunk]:
@@ -168,11 +179,12 @@ def read_segment(seg: Segment, cache: SlideCache, threads: ThreadReaders | None 
 
 
 class ThreadReaders:
-    """Threads that read the runs of a chunk at once, each through its own slide and file handles (a
-    handle is reopened after a read error, which must not pull it from under another thread)."""
+    """Threads that read the runs of a chunk at once: they share each slide's handle (slide readers are
+    thread-safe) and each has its own file handle and tile source, reopened after a read error without
+    pulling anything from under the others."""
 
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
+    def __init__(self, threads: int, cache: SlideCache) -> None:
+        self.threads, self.cache = threads, cache
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="wsikit-read")
         self._local = threading.local()
         self._opened: list[SimpleNamespace] = []
@@ -187,18 +199,18 @@ class ThreadReaders:
     def _run(self, seg: Segment, lo: int, hi: int) -> list:
         mine = getattr(self._local, "state", None)
         if mine is None:  # this thread's own handles (a namespace the closing thread can see too)
-            mine = self._local.state = SimpleNamespace(cache=SlideCache(), seg=None, items=None)
+            mine = self._local.state = SimpleNamespace(seg=None, items=None)
             with self._lock:
                 self._opened.append(mine)
         if mine.seg is not seg:
             if mine.items is not None:
                 mine.items.source.close()
             mine.items, mine.seg = None, seg
-            source = TileSource(mine.cache.get(seg), seg.coords, seg.size_level0, seg.out_size, seg.reader)
+            source = TileSource(self.cache.get(seg), seg.coords, seg.size_level0, seg.out_size, seg.reader)
             mine.items = TileItems(source, seg.ship_streams)
         read = [mine.items[i] for i in range(lo, hi)]
         if any(error for _, _, error in read):
-            mine.cache.drop(seg)
+            self.cache.drop(seg, now=False)
         return read
 
     def close(self) -> None:
@@ -206,21 +218,20 @@ class ThreadReaders:
         for mine in self._opened:
             if mine.items is not None:
                 mine.items.source.close()
-            mine.cache.close()
 
 
 def inline_chunks(next_segment: Callable[[], Segment | None], threads: int = 1) -> Iterator[Chunk]:
     """Segments read one after another in this thread (``workers=0``), each chunk by ``threads`` threads
     at once (the model is idle meanwhile, so they have the CPUs to themselves)."""
     cache = SlideCache()
-    readers = ThreadReaders(threads) if threads > 1 else None
+    readers = ThreadReaders(threads, cache) if threads > 1 else None
     try:
         while (seg := next_segment()) is not None:
             yield from read_segment(seg, cache, readers)
     finally:
-        cache.close()
         if readers is not None:
             readers.close()
+        cache.close()
 
 
 class _SegmentReads(IterableDataset):
