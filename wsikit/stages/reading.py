@@ -34,9 +34,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wsikit.io import one_line
 from wsikit.slide import Slide, open_slide
+from wsikit.stages.encode import ExtractError
 from wsikit.tiles import TileBatch, TileItems, TileSource, collate_items
 
 SLIDES_PER_WORKER = 4  # open slides cached per reading process
+MAX_RESTARTS = 5  # pool restarts in a row, nothing delivered in between, before the run stops
 _SLOT = 4  # per worker: pid, grid key and segment number (-1: none), reading since (time.time(); 0: not)
 
 
@@ -268,9 +270,10 @@ class ReadingPool:
     """``workers`` reading processes fed segments through a queue, kept busy by :meth:`chunks`.
 
     At most ``2 × workers`` segments are queued or being read, so slides are claimed only shortly before
-    they are read. A dead worker fails the slide of the segment it held; a pool that delivers nothing for
-    ``timeout`` seconds (0: no limit) fails the slides of every segment being read. Either way the pool
-    restarts and the other segments in flight resume where they stopped.
+    they are read. A dead worker fails the slide of the segment it held; a worker that has been reading
+    one chunk for ``timeout`` seconds (0: no limit) fails its slide and is killed. Either way the pool
+    restarts and the other segments in flight resume where they stopped; a pool that dies again and
+    again without delivering anything stops the run.
     """
 
     def __init__(self, workers: int, pin_memory: bool = False, timeout: float = 0.0) -> None:
@@ -300,6 +303,7 @@ class ReadingPool:
                     if isinstance(item, BaseException):
                         yield from self._failed(item, run, flight)
                         break
+                    self.restarts = 0
                     entry = flight[(item.key, item.seq)]
                     entry[1] += 1
                     if item.last:
@@ -311,6 +315,9 @@ class ReadingPool:
     def _failed(self, exc: BaseException, run: _PoolRun, flight: dict) -> Iterator[ReadFailure]:
         """The slides to fail after the pool broke; the rest of ``flight`` is set to resume."""
         self.restarts += 1
+        if self.restarts > MAX_RESTARTS:
+            raise ExtractError(f"the tile-reading workers died {MAX_RESTARTS} times in a row ({one_line(exc)}); "
+                               "rerun with --workers 0 to see a reader's own error")  # fmt: skip
         if isinstance(exc, _Stalled):
             held, message = (
                 exc.held,

@@ -168,6 +168,7 @@ class Writer:
         self.active: dict[int, SlideWork] = {}
         self.fatal: BaseException | None = None
         self.seconds = 0.0
+        self._abort = False
         self._thread = threading.Thread(target=self._loop, name="wsikit-writer", daemon=True)
         self._thread.start()
 
@@ -183,15 +184,12 @@ class Writer:
 
     def close(self, abort: bool = False) -> None:
         """Finish (or with ``abort``, drop every slide in flight unrecorded) and wait for the thread."""
-        if abort:
-            self._abort_all = True
-        with contextlib.suppress(BaseException):
+        self._abort = self._abort or abort
+        with contextlib.suppress(Exception):
             self.put(None)
         self._thread.join()
         if self.fatal is not None and not abort:
             raise self.fatal
-
-    _abort_all = False
 
     # -- the thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -199,19 +197,17 @@ class Writer:
             event = self.events.get()
             if event is None:
                 break
-            if self.fatal is not None or self._abort_all:  # stopping: only let go of new slides' locks
+            if self.fatal is not None or self._abort:  # stopping: only let go of new slides' locks
                 if event[0] in ("slide", "fail") and event[1].key not in self.active:
                     release_lock(event[1].lock)
                 continue
             t0 = time.perf_counter()
             try:
                 self._handle(event)
-            except JobError as exc:  # a status record could not be written: the run stops
-                self.fatal = exc
-            except BaseException as exc:  # a bug: stop rather than record wrong things
-                self.fatal = exc
+            except BaseException as exc:  # a status record that cannot be written (JobError), or a bug:
+                self.fatal = exc  # the run stops rather than record wrong things
             self.seconds += time.perf_counter() - t0
-        if self.fatal is not None or self._abort_all:
+        if self.fatal is not None or self._abort:
             for work in list(self.active.values()):
                 self._drop(work, RuntimeError("the run stopped"))
                 release_lock(work.lock)
