@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from wsikit import __version__
-from wsikit.cli import bags, batch, detect, extract, heatmap, patches, run, stain, tile, train
+from wsikit.cli import bags, batch, detect, extract, heatmap, patches, run, stain, tile, train, view
 from wsikit.cli.common import console, fail, out
 from wsikit.slide import SlideError, open_slide, slide_facts
 
@@ -118,6 +118,7 @@ app.command("extract")(extract.extract)
 app.command("train")(train.train)
 app.command("evaluate")(train.evaluate)
 app.command("heatmap")(heatmap.heatmap)
+app.command("view")(view.view)
 app.command("run")(run.run)
 app.command("slurm")(run.slurm)
 app.command()(batch.status)
