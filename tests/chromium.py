@@ -40,7 +40,13 @@ class Chromium:
 
         self.profile = Path(tempfile.mkdtemp(prefix="wsikit-chromium-"))
         self.proc = subprocess.Popen(
-            [str(CHROMIUM), *FLAGS, f"--user-data-dir={self.profile}", f"--window-size={width},{height}", "about:blank"],
+            [
+                str(CHROMIUM),
+                *FLAGS,
+                f"--user-data-dir={self.profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -55,7 +61,13 @@ class Chromium:
             pages = [t for t in json.load(r) if t["type"] == "page"]
         self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout)
         self._id = 0
-        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def __enter__(self) -> Chromium:
         return self
@@ -94,7 +106,9 @@ class Chromium:
         """The value of a JavaScript expression (promises awaited); a thrown error raises :class:`BrowserError`."""
         res = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         if "exceptionDetails" in res:
-            raise BrowserError(f"{expression}: {res['exceptionDetails'].get('exception', {}).get('description')}")
+            raise BrowserError(
+                f"{expression}: {res['exceptionDetails'].get('exception', {}).get('description')}"
+            )
         return res["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 30.0) -> float:
