@@ -8,6 +8,7 @@ JavaScript (awaiting promises), wait for a condition, screenshot as an array.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import shutil
@@ -59,7 +60,10 @@ class Chromium:
         port = int(port_file.read_text().split()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout) as r:
             pages = [t for t in json.load(r) if t["type"] == "page"]
-        self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout)
+        self._stack = contextlib.ExitStack()
+        self.ws = self._stack.enter_context(
+            connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout)
+        )
         self._id = 0
         self.send(
             "Emulation.setDeviceMetricsOverride",
@@ -76,9 +80,9 @@ class Chromium:
         self.close()
 
     def close(self) -> None:
-        if getattr(self, "ws", None) is not None:
-            self.ws.close()
-            self.ws = None
+        if getattr(self, "_stack", None) is not None:
+            self._stack.close()
+            self._stack = None
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

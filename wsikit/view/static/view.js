@@ -425,7 +425,17 @@
     state: S, open: openSlide, setLayer, zoomToTile, redraw,
     // true once the slide, its shown layers and every tile OpenSeadragon wants are loaded
     idle: () => !!(S.item && S.loading === 0 && S.item.getFullyLoaded() && S.layers.every((l) => !l.on || l.data)),
-    toScreen: (x, y) => { const T = transform(); return [T.ox + x * T.s, T.oy + y * T.s]; },
+    // idle, and the viewport at the end of its animation
+    settled: () => {
+      const vp = S.viewer && S.viewer.viewport;
+      return !!(vp && window.wsikitView.idle() && vp.getZoom(true) === vp.getZoom(false) &&
+        vp.getCenter(true).equals(vp.getCenter(false)));
+    },
+    // level-0 px → page px
+    toPage: (x, y) => {
+      const T = transform(), r = S.viewer.container.getBoundingClientRect();
+      return [r.left + T.ox + x * T.s, r.top + T.oy + y * T.s];
+    },
   };
   start();
 })();
