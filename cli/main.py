@@ -108,6 +108,9 @@ def demo(
     out.print("[bold]written:[/]")
     for name, path in result.written.items():
         out.print(f"  {name:<28} {path}")
+    out.print(
+        f"[bold]next:[/] the slide, its mask and tiles in the browser: wsikit view {result.written['job directory']}"
+    )
 
 
 # Registered in pipeline order, which is the order `wsikit --help` lists them.

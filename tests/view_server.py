@@ -15,7 +15,7 @@ class Server:
     """The app of ``job`` served by uvicorn in a thread on 127.0.0.1:<free port>."""
 
     def __init__(self, job: ViewJob, token: str | None = "secret-token") -> None:
-        self.token = token
+        self.job, self.token = job, token
         sock = bind("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         self.server = make_server(build_app(job, token))

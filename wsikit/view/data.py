@@ -149,6 +149,22 @@ class SlideRecord:
     specs: list[str] = field(default_factory=list)
 
 
+def _slide_attrs(grid_file: Path) -> dict[str, Any]:
+    """``slide_path`` and ``slide_mpp`` of a coordinates file (attributes only: the coordinates stay on disk)."""
+    import h5py
+
+    try:
+        with h5py.File(grid_file, "r") as fh:
+            attrs = fh["coords"].attrs
+            return {
+                k: attrs[k].decode() if isinstance(attrs[k], bytes) else attrs[k]
+                for k in ("slide_path", "slide_mpp")
+                if k in attrs
+            }
+    except (OSError, KeyError):
+        return {}
+
+
 def _job_ids(job: Path) -> set[str]:
     ids = {p.stem for p in (job / "masks").glob("*.geojson")}
     ids |= {p.stem for p in (job / "tiles").glob("*/*.h5")}
@@ -208,10 +224,7 @@ class ViewJob:
                 continue
             specs.append(spec)
             if path is None or mpp is None:
-                try:
-                    attrs = read_grid(file).attrs
-                except TilingError:
-                    continue
+                attrs = _slide_attrs(file)
                 path = path or (Path(attrs["slide_path"]) if attrs.get("slide_path") else None)
                 mpp = mpp or attrs.get("slide_mpp")
         return SlideRecord(sid, key, path, float(mpp) if mpp else None, specs)
