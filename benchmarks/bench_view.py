@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -90,7 +91,7 @@ def browser(server: Server, key: str, zoom_steps: int) -> dict[str, object]:
         b.wait_for("window.wsikitView && wsikitView.settled()", 300)
         first = time.perf_counter() - t
         stats = json.loads(b.evaluate("JSON.stringify(wsikitView.state.stats)"))
-        steps = []
+        steps, tiles = [], [b.evaluate("wsikitView.state.stats.tiles_loaded || 0")]
         for _ in range(zoom_steps):
             t = time.perf_counter()
             b.evaluate(
@@ -99,6 +100,7 @@ def browser(server: Server, key: str, zoom_steps: int) -> dict[str, object]:
             time.sleep(0.05)
             b.wait_for("wsikitView.settled()", 300)
             steps.append(time.perf_counter() - t)
+            tiles.append(b.evaluate("wsikitView.state.stats.tiles_loaded || 0"))
         draws = []
         for _ in range(20):  # overlay redraw while panning (zoomed in)
             b.evaluate(
@@ -112,6 +114,7 @@ def browser(server: Server, key: str, zoom_steps: int) -> dict[str, object]:
             b.evaluate("wsikitView.redraw(); 0")
             home_draws.append(b.evaluate("wsikitView.state.stats.draw_ms"))
     return {
+        "tiles": tiles,
         "first": first,
         "stats": stats,
         "steps": steps,
@@ -129,9 +132,13 @@ def report(run: str, r: dict[str, object]) -> None:
     stats = r["stats"]
     layer = stats["layers"].get("scores-0", {})
     print(
-        f"  browser, {run}: first picture {r['first']:.2f} s (slide facts {stats['open_ms']:.0f} ms), zoom ×2 steps "
-        + ", ".join(f"{s:.2f}" for s in r["steps"])
-        + f" s; scores fetch {layer.get('fetch_ms', 0):.0f} ms + decode {layer.get('decode_ms', 0):.0f} ms; "
+        f"  browser, {run}: first picture {r['first']:.2f} s ({r['tiles'][0]} tiles; slide facts {stats['open_ms']:.0f} ms), "
+        "zoom ×2 steps "
+        + ", ".join(
+            f"{s:.2f} s ({b - a} tiles)"
+            for s, a, b in zip(r["steps"], r["tiles"], r["tiles"][1:], strict=False)
+        )
+        + f"; scores fetch {layer.get('fetch_ms', 0):.0f} ms + decode {layer.get('decode_ms', 0):.0f} ms; "
         f"overlay frame {r['draw_home']:.1f} ms (whole slide), {r['draw_in']:.1f} ms (zoomed in)"
     )
 
@@ -143,6 +150,7 @@ def main() -> None:
     args = ap.parse_args()
     if not CHROMIUM.is_file():
         sys.exit(f"{CHROMIUM} missing: apt-get install chromium")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     big = build_slide(args.cache / "cmu_mirror_40000x30000_0.25.svs", 40_000, 30_000)
     for slide, stride in ((SAMPLE_SLIDE, None), (big, 112)):
         job, hm = make_job(slide, args.cache / f"view_{slide.stem}", stride)

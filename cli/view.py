@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from wsikit.cli.common import console, fail, out
 
@@ -66,7 +67,7 @@ def _serve(data, host: str, port: int, no_token: bool) -> None:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
-        raise fail(MISSING_EXTRA) from exc
+        raise fail(escape(MISSING_EXTRA)) from exc
     from wsikit.view.app import bind, build_app, is_loopback, make_server, new_token, warm_predictions
 
     token = None if no_token else new_token()

@@ -316,3 +316,13 @@ def test_cli_starts_without_the_viewer_libraries():
         "import sys, wsikit.cli.main; bad = {'starlette', 'uvicorn'} & set(sys.modules); assert not bad, bad"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_missing_extra_is_one_line(view_job, monkeypatch):
+    import sys
+
+    from wsikit.cli.main import app
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install 'wsikit[view]'` was not run
+    res = CliRunner().invoke(app, ["view", str(view_job["job"]), "--port", "0"])
+    assert res.exit_code == 2 and "pip install 'wsikit[view]'" in res.output

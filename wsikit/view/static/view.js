@@ -409,7 +409,8 @@
     S.viewer.canvas.appendChild(S.overlay);
     S.viewer.addHandler("update-viewport", redraw);
     S.viewer.addHandler("resize", redraw);
-    S.viewer.addHandler("tile-load-failed", (e) => { S.stats.failed_tiles = (S.stats.failed_tiles || 0) + 1; });
+    S.viewer.addHandler("tile-load-failed", () => { S.stats.failed_tiles = (S.stats.failed_tiles || 0) + 1; });
+    S.viewer.addHandler("tile-loaded", () => { S.stats.tiles_loaded = (S.stats.tiles_loaded || 0) + 1; });
     S.viewer.container.addEventListener("mousemove", onMove);
     S.viewer.container.addEventListener("mouseleave", () => { $("hover").hidden = true; S.hoverTile = null; redraw(); });
     getData("slides").then((list) => {
