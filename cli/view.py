@@ -76,13 +76,20 @@ def _serve(data, host: str, port: int, no_token: bool) -> None:
     port = sock.getsockname()[1]
     query = f"/?token={token}" if token else "/"
     if is_loopback(host):
-        out.print(f"wsikit view: {len(data.slides)} slide(s) of {data.job} at http://127.0.0.1:{port}{query}")
+        out.print(
+            f"wsikit view: {len(data.slides)} slide(s) of {data.job} at http://127.0.0.1:{port}{query}",
+            soft_wrap=True,
+        )
         out.print(
             f"  from another computer: ssh -L {port}:localhost:{port} {socket.gethostname()}, "
-            f"then open http://localhost:{port}{query}"
+            f"then open http://localhost:{port}{query}",
+            soft_wrap=True,
         )
     else:
-        out.print(f"wsikit view: {len(data.slides)} slide(s) at http://{socket.getfqdn()}:{port}{query}")
+        out.print(
+            f"wsikit view: {len(data.slides)} slide(s) at http://{socket.getfqdn()}:{port}{query}",
+            soft_wrap=True,
+        )
         out.print(
             "  [yellow]served beyond this machine: share the URL only with people who may see the data[/]"
         )
