@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from wsikit import __version__
-from wsikit.cli import bags, batch, detect, extract, heatmap, patches, run, stain, tile, train
+from wsikit.cli import bags, batch, detect, extract, heatmap, patches, run, stain, tile, train, view
 from wsikit.cli.common import console, fail, out, slide_mpp_from
 
 app = typer.Typer(
@@ -111,6 +111,9 @@ def demo(
     out.print("[bold]written:[/]")
     for name, path in result.written.items():
         out.print(f"  {name:<28} {path}")
+    out.print(
+        f"[bold]next:[/] the slide, its mask and tiles in the browser: wsikit view {result.written['job directory']}"
+    )
 
 
 app.command()(info)
@@ -120,6 +123,7 @@ app.command("extract")(extract.extract)
 app.command("train")(train.train)
 app.command("evaluate")(train.evaluate)
 app.command("heatmap")(heatmap.heatmap)
+app.command("view")(view.view)
 app.command("run")(run.run)
 app.command("slurm")(run.slurm)
 app.command()(batch.status)
