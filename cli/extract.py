@@ -37,7 +37,12 @@ def extract(
         "resnet50-trunc", "--encoder", "-e", help=f"{' | '.join(list_encoders())} | timm:<model>"
     ),
     weights: Path | None = typer.Option(
-        None, "--weights", help="Local checkpoint (.pth/.safetensors) for the encoder's architecture."
+        None,
+        "--weights",
+        help="Local checkpoint (.safetensors/.bin/.pth) or downloaded repository folder for the encoder.",
+    ),
+    embedding: str | None = typer.Option(
+        None, "--embedding", help="cls | cls+mean | mean | pooled (default: the encoder's own rule)."
     ),
     random_weights: bool = typer.Option(
         False,
@@ -91,6 +96,7 @@ def extract(
         options = {
             "encoder": (("encoder",), encoder),
             "weights": (("weights",), weights),
+            "embedding": (("embedding",), embedding),
             "pretrained": (("random_weights",), not random_weights),
             "specs": (("spec",), list(_spec_names(spec))),
             "batch_size": (("batch_size",), batch_size),

@@ -197,3 +197,30 @@ def test_centre_crop_preprocessing_reads_larger_tiles():
     std = torch.tensor(enc.std).view(1, 3, 1, 1)
     torch.testing.assert_close(x, (tile[..., 16:240, 16:240].float() / 255 - mean) / std)
     assert "centre crop" in enc.describe()["preprocessing"]["resize"]
+
+
+def test_cli_lists_the_registry_and_checks_one_entry(tmp_path, monkeypatch):
+    import json
+
+    import huggingface_hub.constants
+    from typer.testing import CliRunner
+
+    from wsikit.cli.main import app
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    runner = CliRunner()
+    result = runner.invoke(app, ["encoders", "--json"])
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert result.exit_code == 0 and set(REQUIRED) <= set(rows)
+    assert (
+        rows["uni"]["weights"] == "absent"
+        and rows["uni"]["gated"] == "yes"
+        and rows["phikon"]["extra"] == "transformers"
+    )
+    result = runner.invoke(app, ["encoders", "check", "kaiko-vits16", "--json", "-b", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dim"] == 384 and report["params"] == encoder_spec("kaiko-vits16").params
+    assert report["tiles_per_s"] > 0 and report["weights_id"] == "random" and "absent" in report["note"]
+    result = runner.invoke(app, ["encoders", "check", "uni3"])
+    assert result.exit_code == 2 and "unknown encoder 'uni3'" in result.output

