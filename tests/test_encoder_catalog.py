@@ -94,9 +94,15 @@ def test_every_required_model_is_registered_with_its_card_facts():
         assert spec.params is not None and spec.description, name
 
 
+def _needs_extra(spec) -> None:
+    if spec.extra:
+        pytest.importorskip(spec.extra)
+
+
 @pytest.mark.parametrize("name", sorted(registry()))
 def test_meta_build_has_the_exact_and_published_size_and_output_shape(name):
     spec = encoder_spec(name)
+    _needs_extra(spec)
     with torch.device("meta"):
         model = finish(spec, build_backbone(spec)).eval()
         out = model(torch.empty(2, 3, spec.input_size, spec.input_size))
@@ -132,6 +138,7 @@ def test_small_entries_run_with_random_weights(name, one_torch_thread):
 def test_each_family_runs_small(spec_name, kwargs):
     """The CONCH and transformers code paths, really run at a small width (the full ones: slow tests)."""
     spec = encoder_spec(spec_name)
+    _needs_extra(spec)
     small = replace(spec, kwargs={**spec.kwargs, **kwargs})
     size = kwargs.get("image_size", spec.input_size)
     model = finish(small, build_backbone(small)).eval()
@@ -145,6 +152,7 @@ def test_each_family_runs_small(spec_name, kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(set(registry()) - set(SMALL)))
 def test_large_entries_run_with_random_weights(name):
+    _needs_extra(encoder_spec(name))
     enc = get_encoder(name, pretrained=False)
     x = torch.randint(0, 256, (1, 3, enc.read_size, enc.read_size), dtype=torch.uint8)
     with torch.inference_mode():
@@ -224,3 +232,9 @@ def test_cli_lists_the_registry_and_checks_one_entry(tmp_path, monkeypatch):
     assert report["tiles_per_s"] > 0 and report["weights_id"] == "random" and "absent" in report["note"]
     result = runner.invoke(app, ["encoders", "check", "uni3"])
     assert result.exit_code == 2 and "unknown encoder 'uni3'" in result.output
+
+
+def test_a_missing_extra_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers → ImportError
+    with pytest.raises(EncoderError, match=r'pip install "wsikit\[transformers\]"'):
+        get_encoder("phikon", pretrained=False)

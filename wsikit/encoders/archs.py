@@ -219,16 +219,31 @@ _HF_CLASSES = {
 _STRUCTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size", "num_register_tokens")
 
 
-def _hf_config(spec: EncoderSpec, repo_config: dict[str, Any] | None) -> Any:
-    """The model config: the repository's own numbers (norm eps, image size) when it ships a
-    ``config.json``, after checking its structure against the entry; else the entry's."""
+_NOT_CONFIG = {
+    "model_type",
+    "architectures",
+    "transformers_version",
+    "auto_map",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+}
+
+
+def _transformers(spec: EncoderSpec) -> Any:
     try:
         import transformers
     except ImportError as exc:
         raise EncoderError(
             f'{spec.name}: needs the transformers library; run `pip install "wsikit[transformers]"`'
         ) from exc
-    config_cls = getattr(transformers, _HF_CLASSES[spec.arch][0])
+    return transformers
+
+
+def _hf_config(spec: EncoderSpec, repo_config: dict[str, Any] | None) -> Any:
+    """The model config: the repository's own numbers (norm eps, image size) when it ships a
+    ``config.json``, after checking its structure against the entry; else the entry's."""
+    config_cls = getattr(_transformers(spec), _HF_CLASSES[spec.arch][0])
     values = dict(spec.kwargs)
     if repo_config:
         for key in _STRUCTURE:
@@ -237,16 +252,14 @@ def _hf_config(spec: EncoderSpec, repo_config: dict[str, Any] | None) -> Any:
                     f"{spec.name}: the repository's config.json has {key}={repo_config[key]}, the registry "
                     f"{values[key]}; these weights belong to another model (check --weights / the revision)"
                 )
-        known = set(config_cls().to_dict())
-        values = {**{k: v for k, v in repo_config.items() if k in known}, **values}
+        known = set(config_cls().to_dict()) - _NOT_CONFIG
+        values = {**values, **{k: v for k, v in repo_config.items() if k in known}}
     return config_cls(**values)
 
 
 def build_transformers(spec: EncoderSpec, repo_config: dict[str, Any] | None = None) -> HFTokens:
-    import transformers
-
     config = _hf_config(spec, repo_config)
-    model_cls = getattr(transformers, _HF_CLASSES[spec.arch][1])
+    model_cls = getattr(_transformers(spec), _HF_CLASSES[spec.arch][1])
     extra = {"add_pooling_layer": False} if spec.arch == "vit" else {}
     model = model_cls(config, **extra)
     return HFTokens(model, 1 + int(getattr(config, "num_register_tokens", 0) or 0))
