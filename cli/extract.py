@@ -17,7 +17,7 @@ from wsikit.cli.common import (
     my_slides,
     print_summary,
 )
-from wsikit.encoders import EncoderError, list_encoders
+from wsikit.encoders import EncoderError
 from wsikit.extract import ExtractConfig, ExtractError, Extractor, job_slides, resolve_specs
 from wsikit.jobs import JobError, Status
 from wsikit.tiling import TilingError, parse_spec
@@ -34,7 +34,10 @@ def extract(
         None, "--config", help="YAML config whose 'extract' section sets defaults; options given here win."
     ),
     encoder: str = typer.Option(
-        "resnet50-trunc", "--encoder", "-e", help=f"{' | '.join(list_encoders())} | timm:<model>"
+        "resnet50-trunc",
+        "--encoder",
+        "-e",
+        help="A registered encoder (`wsikit encoders` lists them) or timm:<model>.",
     ),
     weights: Path | None = typer.Option(
         None,

@@ -7,7 +7,7 @@ by the tests against the published figure), hub repository and weights file, lic
 Facts come from the model cards and the peers' loaders (TRIDENT, slide2vec, STAMP, the models' own
 repositories). ``revision=None``: the weights are whatever commit the local cache's ``refs/main``
 names, and that commit hash is recorded in every bag (``weights_id``); pin one with
-``get_encoder(..., revision=...)`` or ``--revision``.
+``get_encoder(..., revision=...)``.
 """
 
 from __future__ import annotations
