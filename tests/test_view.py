@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from wsikit.grids import read_grid
 from wsikit.jobs import SlideEntry, Status, write_status
 from wsikit.slide import open_slide
-from wsikit.view.data import INK_RGB, ViewError, ViewJob, lattice
+from wsikit.view.base import ViewError, lattice
+from wsikit.view.data import INK_RGB, ViewJob
 from wsikit.view.dzi import OVERLAP, TILE, DeepZoom, TileCache
 from wsikit.view.export import export_job, finest_level
 

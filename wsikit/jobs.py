@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsikit import __version__
 from wsikit.io import clear_stale_temps, one_line, read_table, write_json
 
 SLIDE_EXTENSIONS = (
@@ -244,8 +245,6 @@ def read_status(job_dir: str | os.PathLike, stage: str, slide_id: str) -> Status
 
 
 def write_status(job_dir: str | os.PathLike, status: Status) -> Path:
-    from wsikit import __version__
-
     status.wsikit_version = __version__
     return write_json(status_path(job_dir, status.stage, status.slide_id), asdict(status))
 

@@ -29,6 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from wsikit import __version__
 from wsikit.bags import read_bag
 from wsikit.io import atomic_path, clear_stale_temps
 from wsikit.jobs import BatchSummary, SlideEntry, StageResult, Status, run_batch
@@ -174,8 +175,6 @@ def embed_one(bag: Path, dest: Path, encoder: SlideEncoder) -> StageResult:
 
 
 def _write(dest: Path, vector: np.ndarray, attrs: dict[str, Any]) -> None:
-    from wsikit import __version__
-
     clear_stale_temps(dest)
     with atomic_path(dest) as tmp, h5py.File(tmp, "w") as fh:
         fh.create_dataset("embedding", data=vector)

@@ -27,6 +27,7 @@ from torch import nn
 from wsikit.encoders import archs
 from wsikit.encoders.pooling import TokenPooling, embedding_rule
 from wsikit.encoders.spec import EncoderError, EncoderSpec, encoder_spec, registry
+from wsikit.encoders.timm_hub import build_timm_pretrained
 from wsikit.encoders.weights import (
     WEIGHT_FILES,
     apply_state_dict,
@@ -202,8 +203,6 @@ def _from_source(spec: EncoderSpec) -> tuple[nn.Module, str]:
         backbone = build_backbone(spec, cached_config(spec, path) if spec.family == "transformers" else None)
         load_weights(spec, backbone, load_state_dict(path), f"{spec.name} ({path})")
         return backbone, weights_id
-    from wsikit.encoders.timm_hub import build_timm_pretrained
-
     return build_timm_pretrained(spec)
 
 

@@ -20,6 +20,7 @@ import torch
 from wsikit import metrics as M
 from wsikit.images.augment import Augment, normalize
 from wsikit.images.data import ImageSet
+from wsikit.images.gradcam import gradcam, save_gradcam_grid
 from wsikit.images.models import Classifier, load_classifier
 from wsikit.images.settings import ModelConfig
 from wsikit.io import atomic_path
@@ -235,8 +236,6 @@ def gradcam_sample(
     probs: np.ndarray,
 ) -> Path:
     """Grad-CAM for ``n`` images spread over the classes (predicted class), one PNG grid."""
-    from wsikit.images.gradcam import gradcam, save_gradcam_grid
-
     rng = np.random.default_rng(0)
     labels = data.labels if not data.multilabel else data.labels.argmax(1)
     per_class = [rng.permutation(np.flatnonzero(labels == k)).tolist() for k in range(mcfg.n_classes)]

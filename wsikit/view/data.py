@@ -18,13 +18,11 @@ about 1.2 MB of base64 per layer, decoded and drawn by the browser on one canvas
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,64 +32,14 @@ from wsikit.grids import grid_path, list_specs, read_grid
 from wsikit.io import read_text
 from wsikit.jobs import JobError, SlideEntry, read_status
 from wsikit.specs import SPEC_NAME_RE, TilingError
+from wsikit.view.base import SlideRecord, ViewError, inside, pack, tile_arrays
+from wsikit.view.dzi import DeepZoom
+from wsikit.view.scores import ScoreSource
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Ink colours by name (``properties.ink_colour`` of an excluded region), drawn in that colour.
 INK_RGB = {"blue": (40, 90, 230), "green": (20, 170, 70), "black": (20, 20, 20), "red": (230, 40, 40)}
 OTHER_RGB = (150, 150, 150)
-
-
-class ViewError(ValueError):
-    """A job, slide or layer the viewer cannot show; the message names the file and the fix."""
-
-
-def pack(values: np.ndarray, dtype: str) -> dict[str, str]:
-    """An array as ``{"dtype", "b64"}``: little-endian bytes in base64 (``int32``, ``float32``, ``uint8``)."""
-    arr = np.ascontiguousarray(values, dtype=np.dtype(dtype).newbyteorder("<"))
-    return {"dtype": dtype, "b64": base64.b64encode(arr.tobytes()).decode("ascii")}
-
-
-def lattice(coords: np.ndarray, size0: int) -> tuple[int, tuple[int, int], tuple[int, int]]:
-    """The regular grid tiles lie on: stride (level-0 px), origin (x, y) and (cols, rows).
-
-    The stride is the greatest common divisor of the corners' offsets, at most the tile side; every tile
-    then owns one cell ``((x - ox) // stride, (y - oy) // stride)``, which the browser uses to draw all
-    tiles as one image and to find the tile under the pointer.
-    """
-    if len(coords) == 0:
-        return max(1, size0), (0, 0), (0, 0)
-    xy = np.asarray(coords, np.int64)
-    origin = xy.min(axis=0)
-    gcd = int(np.gcd.reduce(np.concatenate([xy[:, 0] - origin[0], xy[:, 1] - origin[1]])))
-    stride = min(gcd, size0) if gcd > 0 else size0
-    cells = (xy.max(axis=0) - origin) // stride + 1
-    if cells[0] * cells[1] > 4096 * 4096:  # tiles off any common lattice: one tile side per cell
-        stride = size0
-        cells = (xy.max(axis=0) - origin) // stride + 1
-    return int(stride), (int(origin[0]), int(origin[1])), (int(cells[0]), int(cells[1]))
-
-
-def tile_arrays(coords: np.ndarray, size0: int) -> dict[str, Any]:
-    """The geometry part of a per-tile layer: corners, side, lattice."""
-    stride, origin, cells = lattice(coords, size0)
-    xy = np.asarray(coords, np.int64).reshape(-1, 2)
-    return {
-        "count": len(xy),
-        "size0": int(size0),
-        "stride0": stride,
-        "origin": list(origin),
-        "cells": list(cells),
-        "x": pack(xy[:, 0], "int32"),
-        "y": pack(xy[:, 1], "int32"),
-    }
-
-
-def inside(path: Path, root: Path) -> bool:
-    """Whether ``path`` resolves (symlinks followed) to a place under ``root`` (resolved too)."""
-    try:
-        return path.resolve().is_relative_to(root.resolve())
-    except (OSError, RuntimeError):
-        return False
 
 
 def _rings(geometry: dict[str, Any]) -> list[list[list[float]]]:
@@ -140,17 +88,6 @@ def mask_layer(path: Path) -> dict[str, Any]:
     return {"kind": "mask", "tissue": tissue, "holes": holes, "excluded": excluded}
 
 
-@dataclass
-class SlideRecord:
-    """One slide of the job: id, URL key, slide file (if known), MPP and the tile specs it has."""
-
-    slide_id: str
-    key: str
-    path: Path | None
-    mpp: float | None
-    specs: list[str] = field(default_factory=list)
-
-
 def _slide_attrs(grid_file: Path) -> dict[str, Any]:
     """``slide_path`` and ``slide_mpp`` of a coordinates file (attributes only: the coordinates stay on disk)."""
     import h5py
@@ -196,8 +133,6 @@ class ViewJob:
         runs: Sequence[str | os.PathLike] = (),
         heatmaps: Sequence[str | os.PathLike] = (),
     ) -> None:
-        from wsikit.view.scores import ScoreSource
-
         self.job = Path(job_dir).expanduser()
         if not self.job.is_dir():
             raise ViewError(f"{self.job}: no such job directory; give the folder `wsikit tile --out` wrote")
@@ -274,8 +209,6 @@ class ViewJob:
     # -- one slide -------------------------------------------------------------------------------------
     def deepzoom(self, key: str) -> Any:
         """The slide's :class:`~wsikit.view.dzi.DeepZoom` (opened once)."""
-        from wsikit.view.dzi import DeepZoom
-
         rec = self.record(key)
         with self._lock:
             if key not in self._deepzoom:

@@ -21,10 +21,10 @@ import numpy as np
 from wsikit.bags import BagError, bag_path
 from wsikit.io import read_table
 from wsikit.jobs import JobError
-from wsikit.view.data import ViewError, inside, pack, tile_arrays
+from wsikit.view.base import SlideRecord, ViewError, inside, pack, tile_arrays
 
 if TYPE_CHECKING:
-    from wsikit.view.data import SlideRecord, ViewJob
+    from wsikit.view.data import ViewJob
 
 CMAP = "jet"
 CSV_COLUMNS = ("x", "y", "width", "score", "score_norm")
