@@ -175,7 +175,7 @@ def tile_one(entry: SlideEntry, job_dir: str | os.PathLike, cfg: TileConfig) -> 
     import shutil
 
     from wsikit.slide import open_slide
-    from wsikit.tissue import compute_mask, mask_from_geojson, qc_image, write_geojson, write_png
+    from wsikit.tissue import compute_mask, mask_from_geojson, qc_image, working_mpp, write_geojson, write_png
 
     job = Path(job_dir)
     seconds: dict[str, float] = {}
@@ -192,13 +192,14 @@ def tile_one(entry: SlideEntry, job_dir: str | os.PathLike, cfg: TileConfig) -> 
 
             specs, notes = align_specs_to_native(slide, specs)
             warnings.extend(notes)
-        thumb = slide.thumbnail(mpp=cfg.mask.mpp)
+        mask_mpp = working_mpp(slide, cfg.mask)  # finer than cfg.mask.mpp on small slides
+        thumb = slide.thumbnail(mpp=mask_mpp)
         seconds["thumbnail"] = time.perf_counter() - t
         t = time.perf_counter()
         user_mask = cfg.geojson_dir / f"{entry.slide_id}.geojson" if cfg.geojson_dir else None
         geojson_out = job / "masks" / f"{entry.slide_id}.geojson"
         if user_mask is not None and user_mask.is_file():
-            mask = mask_from_geojson(user_mask, slide.dimensions, mpp0, cfg.mask.mpp)
+            mask = mask_from_geojson(user_mask, slide.dimensions, mpp0, mask_mpp)
             mask_source = str(user_mask)
         else:
             mask = compute_mask(slide, cfg.mask, thumb)
@@ -206,8 +207,8 @@ def tile_one(entry: SlideEntry, job_dir: str | os.PathLike, cfg: TileConfig) -> 
         seconds["mask"] = time.perf_counter() - t
         if mask.empty:
             warnings.append(
-                f"EMPTY MASK: no tissue found ({mask_source}, {cfg.mask.method} at {cfg.mask.mpp:g} µm/px); "
-                "check the QC picture, try --mask-channel both or supply an edited GeoJSON (--masks DIR)"
+                f"EMPTY MASK: no tissue found ({mask_source}, {cfg.mask.method} at {mask.mpp:.3g} µm/px); "
+                "check the QC picture, try --no-pen or supply an edited GeoJSON (--masks DIR)"
             )
         t = time.perf_counter()
         grids = tile_slide(slide, specs, mask, cfg.min_tissue, cfg.align, cfg.complete_parents)
@@ -254,7 +255,12 @@ def tile_one(entry: SlideEntry, job_dir: str | os.PathLike, cfg: TileConfig) -> 
             },
             "tissue_fraction": round(mask.fraction, 5),
             "tissue_area_mm2": round(mask.area_um2 / 1e6, 4),
+            "ink_fraction": round(mask.ink_fraction, 5),
+            "ink_area_mm2": round(mask.ink_area_um2 / 1e6, 4),
+            "ink_colours": mask.ink_colours,
             "mask_source": mask_source,
+            "mask_method": mask.method,
+            "mask_mpp": round(mask.mpp, 4),
             "mask_threshold": mask.threshold,
             "slide_mpp": mpp0,
             "dimensions": list(slide.dimensions),
