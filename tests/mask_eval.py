@@ -19,9 +19,10 @@ reference masks are known exactly. How each class is made (also in ``docs/tissue
 - **grey8 / grey16** — the H&E scenes' luminance (0.299 R + 0.587 G + 0.114 B), as 8-bit RGB and as a
   16-bit single-channel tiled TIFF read back through :func:`wsikit.slide.open_slide` (tiffslide).
 - **pen-<colour>** — the H&E scenes with marker strokes added as a further absorbing layer
-  (``OD += s · a · ink``): a loop around one fragment, a line across another, a small circle entirely
-  over tissue and a tick on glass; 60–140 µm wide, soft edges (Gaussian σ = width / 8), opacity ``a``
-  0.55–1.0 per stroke, varying by ±25 % along it. Ink colours are optical densities measured on real
+  (``OD += s · a · ink``): a loop around one fragment, a line across another, a circle over the largest
+  fragment (drawn over tissue only) and a tick on glass; 5–10 % of the scene's short side wide
+  (150–300 µm on the benchmark's 1,536 × 2,048 scenes), soft edges (Gaussian σ = width / 8), opacity
+  ``a`` 0.55–1.0 per stroke, varying by ±25 % along it. Ink colours are optical densities measured on real
   marker ink: blue on histolab's ``wsi-blue-pen.png`` fixture (not shipped; the three numbers only),
   green/teal on ``no-tissue-green-pen.png``, red on ``tcga-red-pen.png``, black on the black circles of
   ``diagnostic-slide-thumb-rgb.png`` (the ink pixels less the tissue around them). Reference ink: stroke
@@ -250,9 +251,9 @@ def ihc_od(data: Path, sc: Scene, seed: int) -> np.ndarray:
 
 def _strokes(sc: Scene, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
     """Polylines (points, width in px) of a loop around a fragment, a line across one, a circle over
-    the largest and a tick on glass; 200–400 µm wide."""
+    the largest and a tick on glass; 5–10 % of the scene's short side wide (150–300 µm at 1,536 px)."""
     boxes = sorted(sc.boxes, key=lambda b: -b[2] * b[3])
-    widths = [int(rng.integers(200, 401) / SCENE_MPP) for _ in range(4)]
+    widths = [int(rng.uniform(0.05, 0.1) * min(sc.alpha.shape)) for _ in range(4)]
     t = np.linspace(0, 2 * np.pi, 120)
     x, y, w, h = boxes[min(1, len(boxes) - 1)]  # loop around the second largest fragment
     wobble = 1 + 0.08 * np.sin(3 * t + rng.uniform(0, 6))
@@ -264,6 +265,7 @@ def _strokes(sc: Scene, rng: np.random.Generator) -> list[tuple[np.ndarray, int]
     out.append(np.stack([c - d, c + 0.3 * d + 0.2 * np.array([d[1], -d[0]]), c + d]))
     x, y, w, h = boxes[0]  # a circle over the largest fragment
     r = 0.22 * min(w, h)
+    widths[2] = min(widths[2], int(0.25 * min(w, h)))
     out.append(np.stack([x + w / 2 + r * np.cos(t), y + h / 2 + r * np.sin(t)], 1))
     reach = widths[3]
     away = cv2.dilate(sc.tissue.view(np.uint8), np.ones((2 * reach + 1,) * 2, np.uint8)) == 0

@@ -6,19 +6,22 @@ ink's (Beer–Lambert). Found at a resolution of at least :data:`INK_MPP` µm/px
 1. **Unmistakable ink** (seeds): pieces of at least ``pen_min_um2`` whose OD colour no stain has —
    blue/green: red OD exceeds green OD by ≥ 0.2 of the sum (haematoxylin: ≤ 0.1, pale IHC
    haematoxylin included); red: summed OD ≥ 0.8 with red OD ≤ 0.08 of it and blue OD ≥ 0.33
-   (eosin, even strongly red eosin, keeps more red OD or less blue; DAB much red); black: summed
-   OD ≥ 1.2 with the channels' shares within 0.12 of each other (dark haematoxylin transmits blue).
-   Blue vs green: blue OD under 0.6 × green OD is blue. On the pen-free real images of
-   ``tests/test_mask_quality.py`` these rules fire on ≤ 0.3 % of tissue pixels, in scattered specks.
-2. **Local contrast** against the tissue around (a masked local mean of OD over ~0.75 mm, refined
-   three times leaving out what looks like ink): a pixel's extra OD ``d`` is split into its
-   component ``β`` along the ink's colour and a residual. Ink adds ``β`` with little residual and
-   shifts the colour toward the ink's; darker tissue of another kind (haematoxylin-rich epidermis
-   beside pink dermis) leaves a large residual. Strong contrast (``β`` ≥ 0.45 of the ink's
-   typical strength, residual ≤ ρ·β, colour shift ≥ 0.18 of the way) makes seeds over tissue
-   (circles drawn inside tissue); weak contrast (``β`` ≥ 0.08, shift ≥ 0.1) only extends ink
-   already found, at most ``ink_grow_um`` from it.
-3. The ink's blurred rim goes with it (``pen_margin_um``).
+   (eosin, even strongly red eosin, keeps more red OD; DAB much more); black: summed OD ≥ 1.2 with
+   the channels' shares within 0.12 of each other, or ≥ 2.2 within 0.16 (dark haematoxylin transmits
+   blue). Blue vs green: blue OD under 0.6 × green OD is blue. On the pen-free real images of the
+   tests these rules fire on ≤ 0.3 % of tissue pixels, in specks the size filter removes.
+2. **Local contrast** against the tissue around (the mean OD of tissue cells within ~0.75 mm,
+   recomputed four times leaving out cells that look like ink): a pixel's extra OD is split into its
+   component ``β`` along the ink's colour and a residual, and its colour's shift toward the ink's is
+   measured. Ink adds ``β`` with little residual; darker tissue of another kind (haematoxylin-rich
+   epidermis beside pink dermis) leaves a large residual. Strong contrast (``β`` ≥ 0.45 of the ink's
+   strength, residual ≤ ρ·β, shift ≥ 0.18 of the way) starts ink over tissue (circles drawn inside
+   tissue) — for green and black always, for blue and red (like haematoxylin and eosin) only on
+   slides where that ink is also unmistakable; weak contrast (``β`` ≥ 0.08, residual ≤ ρ·β, shift ≥
+   0.12) and faint ink of the ink's own colour on glass only extend ink already found, at most
+   ``ink_grow_um`` from it.
+3. The ink's blurred rim goes with it (``pen_margin_um``); each inked pixel takes the colour of the
+   nearest ink found.
 
 The ink colours come from the seeds when there are any, else from real marker ink measured on public
 thumbnails (:data:`INK_OD`). Greyscale pictures have no ink colours and are not searched.
@@ -174,6 +177,9 @@ def _ink_lowres(rgb: np.ndarray, mpp: float, lut: np.ndarray, p: MaskParams) -> 
 
 def _nearest_colour(core: np.ndarray, where: np.ndarray) -> np.ndarray:
     """Each pixel of ``where`` labelled with the colour of the nearest ``core`` pixel (labels > 0)."""
+    present = np.unique(core[core > 0])
+    if len(present) == 1:  # one ink: no distances needed
+        return where.astype(np.uint8) * present[0]
     _, nearest = cv2.distanceTransformWithLabels(
         (core == 0).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
     )  # core pixels are numbered in raster order from 1

@@ -114,6 +114,20 @@ def fill_holes_beside_ink(tissue: np.ndarray, ink: np.ndarray, max_px: float) ->
     return tissue | keep[labels]
 
 
+def remove_small_beside_ink(tissue: np.ndarray, ink: np.ndarray, min_px: float) -> np.ndarray:
+    """Drop tissue pieces under ``min_px``, except those with no glass around them (a disc of tissue
+    inside a pen circle stays; a sliver between ink and glass goes)."""
+    if not ink.any():
+        return remove_small(tissue, min_px)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(tissue.view(np.uint8), connectivity=8)
+    glass = ~tissue & ~ink
+    near_glass = cv2.dilate(glass.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool) & tissue
+    touches = np.bincount(labels[near_glass], minlength=n) > 0
+    keep = (stats[:, cv2.CC_STAT_AREA] >= min_px) | ~touches
+    keep[0] = False
+    return keep[labels]
+
+
 def is_grey(rgb: np.ndarray) -> bool:
     """True when the picture has no colour (greyscale scans): all channels within 2 levels."""
     sample = rgb[:: max(1, rgb.shape[0] // 256), :: max(1, rgb.shape[1] // 256)].astype(np.int16)
@@ -144,5 +158,5 @@ def od_mask(rgb: np.ndarray, mpp: float, params: MaskParams) -> MaskResult:
     tissue = morph(tissue, p.px(p.close_um), cv2.MORPH_CLOSE) & ~inked
     tissue = morph(tissue, p.px(p.open_um), cv2.MORPH_OPEN)
     tissue = fill_holes_beside_ink(tissue, inked, p.max_hole_um2 / mpp**2)
-    tissue = remove_small(tissue, p.min_object_um2 / mpp**2)
+    tissue = remove_small_beside_ink(tissue, inked, p.min_object_um2 / mpp**2)
     return MaskResult(tissue, threshold, ink)
