@@ -208,7 +208,8 @@ def tile_one(entry: SlideEntry, job_dir: str | os.PathLike, cfg: TileConfig) -> 
         if mask.empty:
             warnings.append(
                 f"EMPTY MASK: no tissue found ({mask_source}, {cfg.mask.method} at {mask.mpp:.3g} µm/px); "
-                "check the QC picture, try --no-pen or supply an edited GeoJSON (--masks DIR)"
+                "check the QC picture (excluded ink is hatched), try --no-pen or --mask-method otsu, "
+                "or supply an edited GeoJSON (--masks DIR)"
             )
         t = time.perf_counter()
         grids = tile_slide(slide, specs, mask, cfg.min_tissue, cfg.align, cfg.complete_parents)

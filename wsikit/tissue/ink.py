@@ -20,8 +20,7 @@ ink's (Beer–Lambert). Found at a resolution of at least :data:`INK_MPP` µm/px
    slides where that ink is also unmistakable; weak contrast (``β`` ≥ 0.08, residual ≤ ρ·β, shift ≥
    0.12) and faint ink of the ink's own colour on glass only extend ink already found, at most
    ``ink_grow_um`` from it.
-3. The ink's blurred rim goes with it (``pen_margin_um``); each inked pixel takes the colour of the
-   nearest ink found.
+3. The ink's blurred rim goes with it (``pen_margin_um``).
 
 The ink colours come from the seeds when there are any, else from real marker ink measured on public
 thumbnails (:data:`INK_OD`). Greyscale pictures have no ink colours and are not searched.
@@ -175,18 +174,6 @@ def _ink_lowres(rgb: np.ndarray, mpp: float, lut: np.ndarray, p: MaskParams) -> 
     return found
 
 
-def _nearest_colour(core: np.ndarray, where: np.ndarray) -> np.ndarray:
-    """Each pixel of ``where`` labelled with the colour of the nearest ``core`` pixel (labels > 0)."""
-    present = np.unique(core[core > 0])
-    if len(present) == 1:  # one ink: no distances needed
-        return where.astype(np.uint8) * present[0]
-    _, nearest = cv2.distanceTransformWithLabels(
-        (core == 0).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
-    )  # core pixels are numbered in raster order from 1
-    colour_of = np.concatenate([[0], core.ravel()[np.flatnonzero(core)]]).astype(np.uint8)
-    return np.where(where, colour_of[nearest], 0).astype(np.uint8)
-
-
 def find_ink(rgb: np.ndarray, mpp: float, glass: np.ndarray, params: MaskParams) -> np.ndarray:
     """Ink label map (uint8, same height/width; 0 none, ``i`` = ``INK_COLOURS[i - 1]``) of a picture,
     with the ink's blurred rim (``pen_margin_um``) included."""
@@ -198,25 +185,21 @@ def find_ink(rgb: np.ndarray, mpp: float, glass: np.ndarray, params: MaskParams)
         else cv2.resize(rgb, (max(1, round(w / f)), max(1, round(h / f))), interpolation=cv2.INTER_AREA)
     )
     found = _ink_lowres(np.ascontiguousarray(small), mpp * f, od_lut(glass), params)
-    core = np.zeros((h, w), np.uint8)
-    crumbs = (params.pen_min_um2 or 0) / 8 / mpp**2  # slivers left by enlarging the low-resolution masks
+    low = np.zeros(small.shape[:2], np.uint8)
     for name, m in found.items():  # inks seen unmistakably first
-        if m.any():
-            up = (
-                m
-                if f == 1.0
-                else cv2.resize(m.view(np.uint8) * 255, (w, h), interpolation=cv2.INTER_LINEAR) >= 128
-            )
-            core[remove_small(up & (core == 0), crumbs)] = _label(name)
-    if not core.any():
-        return core
+        low[m & (low == 0)] = _label(name)
+    if not low.any():
+        return np.zeros((h, w), np.uint8)
+    if f == 1.0:
+        core = low
+    else:  # smooth outlines from the enlarged union, colours from the nearest low-resolution pixel
+        union = cv2.resize((low > 0).view(np.uint8) * 255, (w, h), interpolation=cv2.INTER_LINEAR) >= 128
+        core = cv2.resize(low, (w, h), interpolation=cv2.INTER_NEAREST) * union
     margin = params.px(params.pen_margin_um)
-    inked = core > 0
-    if margin:
-        inked = cv2.dilate(
-            inked.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (margin, margin))
-        ).view(bool)
-    return _nearest_colour(core, inked)
+    if margin:  # the rim takes the colour of the ink beside it (the higher label where two meet)
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (margin, margin))
+        core = np.where(core > 0, core, cv2.dilate(core, kernel))
+    return core
 
 
 def ink_colours_seen(rgb: np.ndarray, labels: np.ndarray | None) -> dict[str, list[int]]:
