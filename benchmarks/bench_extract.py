@@ -10,7 +10,7 @@ tiles it at 0.5 µm/px / 256 px, then alternates, ``--rounds`` times:
   (channels-last, the same autocast), nothing else;
 * end to end: ``Extractor.run`` on the job — DataLoader workers reading and resampling tiles, uint8 →
   device → normalisation → model → features streamed into the h5 bag, status record written;
-* reading only: the stage's DataLoader (``wsikit.native.TileItems``, ``--reader``) with no model, to
+* reading only: the stage's DataLoader (``wsikit.tiles.TileItems``, ``--reader``) with no model, to
   show the headroom of the readers.
 
 It prints medians and the ratio end-to-end / forward. ``--compare`` adds, each in a fresh process:
@@ -36,17 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsikit.extract import (
-    ExtractConfig,
-    Extractor,
-    default_workers,
-    resolve_device,
-)
-from wsikit.jobs import SlideEntry, allotted_cpus
-from wsikit.native import TileItems, TileSource, collate_items
+from wsikit.grids import grid_path, write_grid
+from wsikit.jobs import SlideEntry
 from wsikit.pyramid import write_pyramid
+from wsikit.runtime import allotted_cpus, default_workers, resolve_device
+from wsikit.settings import ExtractConfig
 from wsikit.slide import SAMPLE_SLIDE, open_slide
-from wsikit.tiling import TileSpec, grid_path, read_tile, tile_slide, write_grid
+from wsikit.specs import TileSpec
+from wsikit.stages.extract import Extractor
+from wsikit.tiles import TileItems, TileSource, collate_items, read_tile
+from wsikit.tiling import tile_slide
 
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
@@ -121,8 +120,8 @@ def end_to_end(ex: Extractor, job: Path, entry: SlideEntry, n: int) -> dict[str,
 def reading(entry: SlideEntry, job: Path, ex: Extractor) -> dict[str, float]:
     from torch.utils.data import DataLoader
 
-    from wsikit.extract import _worker_init
-    from wsikit.tiling import read_grid
+    from wsikit.grids import read_grid
+    from wsikit.stages.extract import _worker_init
 
     grid = read_grid(grid_path(job, "mpp0.50_256px_0ov", "bench"))
     with open_slide(entry.path) as slide:
@@ -160,7 +159,7 @@ def measure(args: argparse.Namespace) -> dict:
         )
         ex = Extractor.build(cfg)
         rt = ex.runtime
-        from wsikit.tiling import read_grid
+        from wsikit.grids import read_grid
 
         grid = read_grid(grid_path(job, "mpp0.50_256px_0ov", "bench"))
         n = len(grid)

@@ -163,8 +163,9 @@ def child(step: str, slide: Path | None, job: Path | None) -> dict:
     tiles = 0
     if step == "tile":
         from wsikit.jobs import SlideEntry
-        from wsikit.tile_stage import TileConfig, run_tiling
-        from wsikit.tiling import TileSpec
+        from wsikit.settings import TileConfig
+        from wsikit.specs import TileSpec
+        from wsikit.stages.tile import run_tiling
 
         cfg = TileConfig((TileSpec(SOURCE_MPP, TILE),))
         summary = run_tiling([SlideEntry(slide, "bench")], job, cfg, overwrite=True)
@@ -172,7 +173,8 @@ def child(step: str, slide: Path | None, job: Path | None) -> dict:
             raise RuntimeError(summary.failed[0].error)
         tiles = next(iter(summary.done[0].info["tiles"].values()))
     elif step == "extract":
-        from wsikit.extract import ExtractConfig, run_extraction
+        from wsikit.settings import ExtractConfig
+        from wsikit.stages.extract import run_extraction
 
         cfg = ExtractConfig(
             "bench-tiny", batch_size=BATCH, workers=0, device="cpu", precision="fp32", multiscale=False

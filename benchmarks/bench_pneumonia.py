@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from wsikit.core.data import load_medmnist, split_set
-from wsikit.core.evaluate import evaluate_classifier
-from wsikit.core.models import ModelConfig
-from wsikit.core.train import TrainConfig, train_classifier
+from wsikit.images.data import load_medmnist, split_set
+from wsikit.images.evaluate import evaluate_classifier
+from wsikit.images.settings import ModelConfig, TrainConfig
+from wsikit.images.train import train_classifier
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xray" / "pneumoniamnist_28.npz"
 PUBLISHED = {  # MedMNIST v2 (Yang et al., Scientific Data 2023), Table 3, PneumoniaMNIST at 28 px

@@ -7,7 +7,7 @@ Builds (cached in a temp folder) a JPEG pyramidal SVS from the real CMU-1 tissue
   and OpenSlide vs native in 2 processes; their ratios; the max pixel difference native vs OpenSlide;
 - the same on the bundled CMU-1-Small-Region.svs (RGB-encoded Aperio JPEG, 240-px tiles);
 - CPU JPEG decoders on the file's tile streams (imagecodecs, simplejpeg, cv2, PIL, torchvision);
-- end to end: the real extraction stage (``wsikit.extract``) after ``tile --align-native``, resnet18
+- end to end: the real extraction stage (``wsikit.stages.extract``) after ``tile --align-native``, resnet18
   (random weights; speed does not depend on them), bf16 autocast when the CPU has it, per reader;
 - with ``--gpu`` and CUDA: nvJPEG batched decode rate and its difference to the CPU decode, and
   ResNet-50-trunc pure forward vs end to end with 4 workers shipping bytes (GPU decode), decoding
@@ -31,17 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from wsikit.native import (
-    CPU_DECODERS,
-    NativeFile,
-    TileItems,
-    TileSource,
-    assemble_batch,
-    collate_items,
-)
+from wsikit.decode import CPU_DECODERS
+from wsikit.native import NativeFile
 from wsikit.pyramid import write_pyramid
 from wsikit.slide import SAMPLE_SLIDE, open_slide
-from wsikit.tiling import read_tile
+from wsikit.tiles import TileItems, TileSource, assemble_batch, collate_items, read_tile
 
 HAVE_TIFFSLIDE = importlib.util.find_spec("tiffslide") is not None
 
@@ -200,7 +194,8 @@ def make_runtime(name: str, device: str):
     import torch
 
     from wsikit.encoders import get_encoder
-    from wsikit.extract import Runtime, cpu_has_bf16, prepare_model, tune_malloc
+    from wsikit.runtime import cpu_has_bf16, tune_malloc
+    from wsikit.stages.extract import Runtime, prepare_model
 
     tune_malloc()
     enc = get_encoder(name, pretrained=False, device=device)
@@ -290,10 +285,11 @@ def extraction(cache: Path, n: int, workers: int | None) -> None:
     import torch
 
     from wsikit.encoders import get_encoder
-    from wsikit.extract import ExtractConfig, Extractor, job_slides
     from wsikit.jobs import SlideEntry
-    from wsikit.tile_stage import TileConfig, run_tiling
-    from wsikit.tiling import TileSpec
+    from wsikit.settings import ExtractConfig, TileConfig
+    from wsikit.specs import TileSpec
+    from wsikit.stages.extract import Extractor, job_slides
+    from wsikit.stages.tile import run_tiling
 
     cols = 16
     rows = max(1, -(-n // cols))
@@ -331,7 +327,7 @@ def extraction(cache: Path, n: int, workers: int | None) -> None:
 def gpu(path: Path, coords: np.ndarray) -> None:
     import torch
 
-    from wsikit.native import decode_jpeg_batch, gpu_decode_error
+    from wsikit.decode import decode_jpeg_batch, gpu_decode_error
 
     if not torch.cuda.is_available():
         print("\n(no CUDA device: GPU measurements skipped)")

@@ -23,9 +23,11 @@ import numpy as np
 
 from wsikit.jobs import SlideEntry
 from wsikit.pyramid import write_pyramid
+from wsikit.settings import TileConfig
 from wsikit.slide import SAMPLE_SLIDE, open_slide
-from wsikit.tile_stage import TileConfig, tile_one
-from wsikit.tiling import TileSpec, build_grids, nominal_layout
+from wsikit.specs import TileSpec, nominal_layout
+from wsikit.stages.tile import tile_one
+from wsikit.tiling import build_grids
 from wsikit.tissue import compute_mask
 
 
@@ -118,7 +120,8 @@ def main() -> None:
         layouts = [nominal_layout(s, mpp0) for s in specs]
         t_naive, naive = best_of(
             lambda layouts=layouts: [
-                naive_filter(mask.mask, mask.scale, dims, lay.size0, lay.stride0, 0.5) for lay in layouts
+                naive_filter(mask.mask, mask.scale, dims, lay.size_level0, lay.stride_level0, 0.5)
+                for lay in layouts
             ],
             1,
         )

@@ -6,19 +6,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from wsikit.bags import EXPORT_LAYOUTS, BagError, export_bag, iter_bags, read_bag, read_bag_shape
 from wsikit.cli.common import console, fail, out
 
 app = typer.Typer(help="Inspect and export feature bags.", no_args_is_help=True)
-
-
-def _files(paths: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        files.extend(iter_bags(p) if p.is_dir() and p.suffix != ".zarr" else [p])
-    return files
 
 
 @app.command()
@@ -27,21 +18,26 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print every attribute as JSON."),
 ) -> None:
     """Shape, layout, encoder and tile spec of each bag."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from wsikit.bags import BagError, bag_files, read_bag
+
     table = Table(title="feature bags")
     for col in ("bag", "layout", "tiles × dim", "dtype", "encoder", "spec", "skipped"):
         table.add_column(col)
     dumps, failed = {}, False
-    for path in _files(paths):
+    for path in bag_files(paths):
         try:
             bag = read_bag(path)
         except BagError as exc:
-            console.print(f"[red]error[/] {exc}", highlight=False)
+            console.print(f"[red]error[/] {escape(str(exc))}", highlight=False)
             failed = True
             continue
         a = bag.attrs
         dumps[str(path)] = {"shape": list(bag.features.shape), "attrs": a, "coords_attrs": bag.coords_attrs}
         table.add_row(
-            str(path),
+            escape(str(path)),
             str(a.get("source_format")),
             f"{len(bag)} × {bag.dim}",
             str(bag.features.dtype),
@@ -60,34 +56,31 @@ def inspect(
 @app.command()
 def export(
     paths: list[Path] = typer.Argument(..., help="wsikit bag files or folders of them."),
-    layout: str = typer.Option(..., "--to", help=" | ".join(EXPORT_LAYOUTS)),
+    layout: str = typer.Option(..., "--to", help="clam | trident | stamp | slideflow"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Destination folder."),
     slide_mpp: float | None = typer.Option(None, "--slide-mpp", help="µm/px for bags that lack it."),
 ) -> None:
     """Write bags in CLAM (h5_files + pt_files), TRIDENT, STAMP or slideflow layout."""
+    from wsikit.bags import EXPORT_LAYOUTS, BagError, bag_files, export_bags
+
     if layout not in EXPORT_LAYOUTS:
         raise fail(f"--to {layout!r}: choose one of {', '.join(EXPORT_LAYOUTS)}")
-    files = _files(paths)
+    files = bag_files(paths)
     if not files:
         raise fail(f"no bags found in {' '.join(map(str, paths))}")
-    written = 0
-    for path in files:
-        try:
-            bag = read_bag(path, slide_mpp=slide_mpp)
-            if slide_mpp and not bag.attrs.get("slide_mpp"):
-                bag.attrs["slide_mpp"] = slide_mpp
-            written += len(
-                export_bag(bag, layout, out_dir, slide_id=str(bag.attrs.get("slide_id") or path.stem))
-            )
-        except BagError as exc:
-            raise fail(str(exc)) from exc
-    console.print(f"{len(files)} bag(s) → {out_dir} ({layout}, {written} files)")
+    try:
+        written = export_bags(files, layout, out_dir, slide_mpp)
+    except BagError as exc:
+        raise fail(str(exc)) from exc
+    console.print(f"{len(files)} bag(s) → {out_dir} ({layout}, {len(written)} files)", highlight=False)
 
 
 @app.command()
 def shape(paths: list[Path] = typer.Argument(..., help="Bag files or folders.")) -> None:
     """Print N and D of each bag without loading its features."""
-    for path in _files(paths):
+    from wsikit.bags import BagError, bag_files, read_bag_shape
+
+    for path in bag_files(paths):
         try:
             n, d = read_bag_shape(path)
         except BagError as exc:

@@ -13,7 +13,7 @@ app = typer.Typer(help="Detect objects (lesions, nuclei…) with COCO-format box
 
 
 def _coco(path: Path, images: Path | None):
-    from wsikit.core.detect import DetectError, load_coco
+    from wsikit.images.coco import DetectError, load_coco
 
     try:
         return load_coco(path, images)
@@ -56,8 +56,9 @@ def train(
     device: str = typer.Option("cpu", help="cpu | cuda[:i]"),
 ) -> None:
     """Train a detector; keeps the epoch with the best validation mAP@[.5:.95]."""
-    from wsikit.core.detect import DetectError, DetectorConfig, DetTrainConfig, train_detector
     from wsikit.encoders import EncoderError
+    from wsikit.images.coco import DetectError
+    from wsikit.images.detect import DetectorConfig, DetTrainConfig, train_detector
 
     train_set = _coco(coco, images)
     val_set = _coco(val_coco, val_images) if val_coco else None
@@ -90,7 +91,8 @@ def evaluate(
     device: str = typer.Option("cpu"),
 ) -> None:
     """mAP@0.5 and mAP@[.5:.95], COCO results json and drawn predictions."""
-    from wsikit.core.detect import DetectError, evaluate_detector
+    from wsikit.images.coco import DetectError
+    from wsikit.images.detect import evaluate_detector
 
     gt = _coco(coco, images)
     try:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from wsikit.cli.common import (
     build_settings,
@@ -14,17 +16,36 @@ from wsikit.cli.common import (
     exit_for,
     fail,
     layered_settings,
-    my_slides,
+    options_of,
     print_summary,
+    say,
+    share_of,
 )
-from wsikit.encoders import EncoderError, list_encoders
-from wsikit.extract import ExtractConfig, ExtractError, Extractor, job_slides, resolve_specs
-from wsikit.jobs import JobError, Status
-from wsikit.tiling import TilingError, parse_spec
 
 
-def _spec_names(texts: list[str]) -> tuple[str, ...]:
-    return tuple(parse_spec(t).name for t in texts)
+@contextlib.contextmanager
+def _progress(n_slides: int) -> Iterator[dict[str, Any]]:
+    """Rich progress over slides and tiles; yields the run's ``on_start``/``on_end``/``on_tiles`` callbacks."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console) as progress:
+        slides = progress.add_task("slides", total=n_slides, rate="")
+        tiles = progress.add_task("tiles", total=None, rate="")
+        t0, count = time.perf_counter(), [0]
+
+        def on_tiles(n: int) -> None:
+            count[0] += n
+            rate = count[0] / max(1e-9, time.perf_counter() - t0)
+            progress.update(tiles, advance=n, rate=f"{rate:.1f} tiles/s")
+
+        yield {
+            "on_start": lambda e: progress.update(slides, description=f"slides ({escape(e.slide_id)})"),
+            "on_end": lambda e, status: progress.advance(slides),
+            "on_tiles": on_tiles,
+        }
 
 
 def extract(
@@ -34,7 +55,7 @@ def extract(
         None, "--config", help="YAML config whose 'extract' section sets defaults; options given here win."
     ),
     encoder: str = typer.Option(
-        "resnet50-trunc", "--encoder", "-e", help=f"{' | '.join(list_encoders())} | timm:<model>"
+        "resnet50-trunc", "--encoder", "-e", help="A registry name (see `wsikit encoders`) or timm:<model>."
     ),
     weights: Path | None = typer.Option(
         None, "--weights", help="Local checkpoint (.pth/.safetensors) for the encoder's architecture."
@@ -87,78 +108,34 @@ def extract(
     ),
 ) -> None:
     """Encode every tile of a tiled job into one feature bag per slide and spec."""
+    from wsikit.encoders import EncoderError
+    from wsikit.jobs import JobError
+    from wsikit.runtime import DeviceError
+    from wsikit.settings import ExtractConfig, SettingsError
+    from wsikit.specs import TilingError, parse_spec
+    from wsikit.stages.extract import ExtractError, Extractor, extraction_slides
+
+    names = ("encoder", "weights", "batch_size", "workers", "device", "precision", "fmt", "fp16_features",
+             "compression", "stain", "multiscale", "backend", "reader", "read_timeout")  # fmt: skip
+    values = (encoder, weights, batch_size, workers, device, precision, fmt, fp16_features, compression, stain,
+              multiscale, backend, reader, read_timeout)  # fmt: skip
     try:
-        options = {
-            "encoder": (("encoder",), encoder),
-            "weights": (("weights",), weights),
-            "pretrained": (("random_weights",), not random_weights),
-            "specs": (("spec",), list(_spec_names(spec))),
-            "batch_size": (("batch_size",), batch_size),
-            "workers": (("workers",), workers),
-            "device": (("device",), device),
-            "precision": (("precision",), precision),
-            "fmt": (("fmt",), fmt),
-            "fp16_features": (("fp16_features",), fp16_features),
-            "compression": (("compression",), compression),
-            "stain": (("stain",), stain),
-            "multiscale": (("multiscale",), multiscale),
-            "compile": (("compile_model",), compile_model),
-            "backend": (("backend",), backend),
-            "reader": (("reader",), reader),
-            "read_timeout": (("read_timeout",), read_timeout),
-        }
+        options = options_of(names, values)
+        options["pretrained"] = (("random_weights",), not random_weights)
+        options["specs"] = (("spec",), [parse_spec(t).name for t in spec])
+        options["compile"] = (("compile_model",), compile_model)
         cfg = build_settings(
             ExtractConfig, layered_settings(ctx, config, "extract", options), config, "extract"
         )
-        specs = resolve_specs(job_dir, cfg.specs)
-        entries = job_slides(job_dir, specs)
-        if not entries:
-            raise JobError(f"{job_dir}: no slides tiled at {', '.join(specs)}; run `wsikit tile` first")
-        mine = my_slides(entries, shard)
+        specs, entries = extraction_slides(job_dir, cfg)
+        mine = share_of(entries, shard)
         extractor = Extractor.build(cfg)
-    except (ExtractError, EncoderError, JobError, TilingError) as exc:
+    except (ExtractError, EncoderError, JobError, TilingError, SettingsError, DeviceError) as exc:
         raise fail(str(exc)) from exc
-    rt = extractor.runtime
-    console.print(
-        f"{rt.encoder.name} ({rt.encoder.dim}-d, weights {rt.encoder.weights_id[:23]}) on {rt.device}, "
-        f"{rt.describe()['autocast']}, {extractor.workers} reader(s), batch {cfg.batch_size}: "
-        f"{len(mine)} slide(s) × {', '.join(specs)}"
-    )
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
-        slides_task = progress.add_task("slides", total=len(mine), rate="")
-        tiles_task = progress.add_task("tiles", total=None, rate="")
-        t0 = time.perf_counter()
-        count = [0]
-
-        def on_start(entry) -> None:
-            progress.update(slides_task, description=f"slides ({entry.slide_id})")
-
-        def on_end(entry, status: Status | None) -> None:
-            progress.advance(slides_task)
-
-        def on_tiles(n: int) -> None:
-            count[0] += n
-            rate = count[0] / max(1e-9, time.perf_counter() - t0)
-            progress.update(tiles_task, advance=n, rate=f"{rate:.1f} tiles/s")
-
+    say(f"{extractor.describe()}: {len(mine)} slide(s) × {', '.join(specs)}")
+    with _progress(len(mine)) as callbacks:
         try:
-            summary = extractor.run(
-                mine,
-                job_dir,
-                specs,
-                overwrite,
-                retry_failed,
-                on_start=on_start,
-                on_end=on_end,
-                on_tiles=on_tiles,
-            )
+            summary = extractor.run(mine, job_dir, specs, overwrite, retry_failed, **callbacks)
         except JobError as exc:  # the job directory itself failed (e.g. disk full)
             raise fail(str(exc), 1) from exc
     print_summary(

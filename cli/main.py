@@ -1,4 +1,9 @@
-"""`wsikit`: the command-line front of the library."""
+"""`wsikit`: the command-line front of the library.
+
+Commands are registered here in pipeline order (the order `wsikit --help` lists them). Every command module
+imports the library inside its commands, so `wsikit --help`, `--version`, `status` and `config show`
+start without torch.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from wsikit import __version__
-from wsikit.cli import bags, batch, detect, extract, heatmap, patches, run, stain, tile, train
-from wsikit.cli.common import console, fail, out
-from wsikit.slide import SlideError, open_slide, slide_facts
+from wsikit.cli import bags, batch, detect, extract, heatmap, patches, run, stain, tile, train, view
+from wsikit.cli.common import console, fail, out, slide_mpp_from
 
 app = typer.Typer(
     name="wsikit",
@@ -37,51 +40,51 @@ def _root(
     """wsikit: whole-slide pathology pipelines that are correct, fast and resumable."""
 
 
+def _facts_table(facts: list[dict]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="slides")
+    for col in ("slide", "backend", "vendor", "levels (w×h @ downsample)", "MPP (µm/px)", "mag", "objective"):
+        table.add_column(col)
+    for f in facts:
+        levels = "\n".join(
+            f"{w}×{h} @ {ds:g}"
+            for (w, h), ds in zip(f["level_dimensions"], f["level_downsamples"], strict=True)
+        )
+        mpp = f"{f['mpp'][0]:.4g} × {f['mpp'][1]:.4g}\n({f['mpp_source']})" if f["mpp"] else "[red]missing[/]"
+        mag = f"{f['magnification']:g}x" if f["magnification"] else "-"
+        objective = f"{f['objective_power']:g}x" if f["objective_power"] else "-"
+        table.add_row(
+            escape(f["slide_id"]), f["backend"], escape(f["vendor"] or "-"), levels, mpp, mag, objective
+        )
+    out.print(table)
+
+
 def info(
     slides: list[Path] = typer.Argument(..., help="Slide files."),
-    mpp: float | None = typer.Option(None, help="Override the slides' resolution (µm/px)."),
+    slide_mpp: float | None = typer.Option(
+        None, "--slide-mpp", help="Override the slides' resolution (µm/px)."
+    ),
+    old_mpp: float | None = typer.Option(None, "--mpp", hidden=True),
     backend: str = typer.Option("auto", help="auto | openslide | tiffslide"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Print each slide's reader, levels, resolution (MPP) and magnification."""
-    facts, errors = [], []
-    for path in slides:
-        try:
-            with open_slide(path, backend=backend, mpp=mpp) as slide:  # type: ignore[arg-type]
-                facts.append(slide_facts(slide))
-        except SlideError as exc:
-            errors.append(str(exc))
+    from wsikit.slide import describe_slides
+
+    facts, errors = describe_slides(slides, backend, slide_mpp_from(slide_mpp, old_mpp))  # type: ignore[arg-type]
     if as_json:
         out.print_json(json.dumps({"slides": facts, "errors": errors}))
     else:
-        table = Table(title="slides")
-        for col in (
-            "slide",
-            "backend",
-            "vendor",
-            "levels (w×h @ downsample)",
-            "MPP (µm/px)",
-            "mag",
-            "objective",
-        ):
-            table.add_column(col)
-        for f in facts:
-            levels = "\n".join(
-                f"{w}×{h} @ {ds:g}"
-                for (w, h), ds in zip(f["level_dimensions"], f["level_downsamples"], strict=True)
-            )
-            mpp_text = (
-                f"{f['mpp'][0]:.4g} × {f['mpp'][1]:.4g}\n({f['mpp_source']})"
-                if f["mpp"]
-                else "[red]missing[/]"
-            )
-            mag = f"{f['magnification']:g}x" if f["magnification"] else "-"
-            objective = f"{f['objective_power']:g}x" if f["objective_power"] else "-"
-            table.add_row(f["slide_id"], f["backend"], f["vendor"] or "-", levels, mpp_text, mag, objective)
-        out.print(table)
+        _facts_table(facts)
         for f in facts:
             if not f["mpp"]:
-                out.print(f"[yellow]{f['path']}: no MPP in the file; pass --mpp to every stage[/]")
+                console.print(
+                    f"[yellow]{f['path']}: no MPP in the file; pass --slide-mpp (tile, run, info) or add an "
+                    "'mpp' column to a slide list[/]",
+                    highlight=False,
+                )
     for message in errors:
         fail(message)
     if errors:
@@ -108,9 +111,11 @@ def demo(
     out.print("[bold]written:[/]")
     for name, path in result.written.items():
         out.print(f"  {name:<28} {path}")
+    out.print(
+        f"[bold]next:[/] the slide, its mask and tiles in the browser: wsikit view {result.written['job directory']}"
+    )
 
 
-# Registered in pipeline order, which is the order `wsikit --help` lists them.
 app.command()(info)
 app.command("tile")(tile.tile)
 app.add_typer(stain.app, name="stain")
@@ -118,6 +123,7 @@ app.command("extract")(extract.extract)
 app.command("train")(train.train)
 app.command("evaluate")(train.evaluate)
 app.command("heatmap")(heatmap.heatmap)
+app.command("view")(view.view)
 app.command("run")(run.run)
 app.command("slurm")(run.slurm)
 app.command()(batch.status)

@@ -19,7 +19,7 @@ DATA_HELP = "A MedMNIST .npz, an image folder (root/<CLASS>/ or root/<split>/<CL
 
 
 def _load(data: Path, patient_regex: str | None, classes: str | None):
-    from wsikit.core.data import DataError, load_images
+    from wsikit.images.data import DataError, load_images
 
     try:
         return load_images(data, classes.split(",") if classes else None, patient_regex)
@@ -49,6 +49,19 @@ def _headline(title: str, m: dict) -> None:
             )
             table.add_row(k, text)
     out.print(table)
+
+
+def _cv_tables(summary: dict, folds: int) -> None:
+    for part in ("heldout", "test"):
+        if part in summary:
+            table = Table(title=f"{folds}-fold {part} (mean ± std)")
+            table.add_column("metric")
+            table.add_column("value", justify="right")
+            for key in ("auroc", "auroc_macro", "balanced_accuracy", "accuracy", "ece"):
+                if key in summary[part]:
+                    m = summary[part][key]
+                    table.add_row(key, f"{m['mean']:.4f} ± {m['std']:.4f}")
+            out.print(table)
 
 
 @app.command()
@@ -99,10 +112,11 @@ def train(
     resume: bool = typer.Option(False, help="Continue from <out>/last.pt if present."),
 ) -> None:
     """Train a classifier: split by patient, select on validation, report test once."""
-    from wsikit.core.data import DataError
-    from wsikit.core.models import ModelConfig, ModelError
-    from wsikit.core.train import TrainConfig, TrainError, cross_validate, fit
     from wsikit.encoders import EncoderError
+    from wsikit.images.data import DataError
+    from wsikit.images.models import ModelError
+    from wsikit.images.settings import ModelConfig, TrainConfig
+    from wsikit.images.train import TrainError, cross_validate, fit
     from wsikit.splits import SplitError
 
     if grey not in ("replicate", "adapt"):
@@ -127,25 +141,26 @@ def train(
                imbalance, monitor, patience, augment, color_jitter, seed, device, resume], strict=True)}  # fmt: skip
     options["num_workers"] = (("workers",), workers)
     tcfg = build_settings(TrainConfig, layered_settings(ctx, config, "train", options), config, "train")
-    if weights is not None and folds:
-        raise fail("--weights with --folds is not supported; run the folds with the registry weights")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
             if folds:
-                summary = cross_validate(ds, mcfg, tcfg, out_dir, folds, test_fraction, image_level, log=_log)
-                for part in ("heldout", "test"):
-                    if part in summary:
-                        table = Table(title=f"{folds}-fold {part} (mean ± std)")
-                        table.add_column("metric")
-                        table.add_column("value", justify="right")
-                        for key in ("auroc", "auroc_macro", "balanced_accuracy", "accuracy", "ece"):
-                            if key in summary[part]:
-                                s = summary[part][key]
-                                table.add_row(key, f"{s['mean']:.4f} ± {s['std']:.4f}")
-                        out.print(table)
+                summary = cross_validate(
+                    ds, mcfg, tcfg, out_dir, folds, test_fraction, image_level, log=_log, weights=weights
+                )
+                _cv_tables(summary, folds)
             else:
-                result = fit(ds, mcfg, tcfg, out_dir, val_fraction, test_fraction, image_level, log=_log)
+                result = fit(
+                    ds,
+                    mcfg,
+                    tcfg,
+                    out_dir,
+                    val_fraction,
+                    test_fraction,
+                    image_level,
+                    log=_log,
+                    weights=weights,
+                )
                 _headline("validation (selection)", result["val"])
                 if "test" in result:
                     _headline("test (scored once)", result["test"])
@@ -168,8 +183,8 @@ def evaluate(
     device: str = typer.Option("auto"),
 ) -> None:
     """Score a checkpoint on labelled images: report JSON/markdown, curves, predictions, Grad-CAM."""
-    from wsikit.core.evaluate import EvaluateError, evaluate_classifier
-    from wsikit.core.models import ModelError
+    from wsikit.images.evaluate import EvaluateError, evaluate_classifier
+    from wsikit.images.models import ModelError
 
     ds = _load(data, patient_regex, None)
     if split:
@@ -194,9 +209,9 @@ def predict(
     """Predict class probabilities (calibrated; binary decisions at the validation threshold)."""
     import numpy as np
 
-    from wsikit.core.data import IMAGE_EXTENSIONS, ImageSet
-    from wsikit.core.evaluate import predict_images
-    from wsikit.core.models import ModelError
+    from wsikit.images.data import IMAGE_EXTENSIONS, ImageSet
+    from wsikit.images.evaluate import predict_images
+    from wsikit.images.models import ModelError
 
     files: list[Path] = []
     for p in images:

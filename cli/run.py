@@ -6,18 +6,16 @@ import subprocess
 from pathlib import Path
 
 import typer
-import yaml
 
-from wsikit.cli.common import console, fail, my_slides, out, print_summary, with_progress
-from wsikit.config import ConfigError, build, load_yaml, to_plain
-from wsikit.jobs import JobError, resolve_slides
-from wsikit.pipeline import load_pipeline_config, run_pipeline
-from wsikit.schedulers import SCHEDULERS, ArrayJob, absolute_slides, write_script
+from wsikit.cli.common import SLIDE_MPP_HELP, console, fail, out, print_summary, select_slides, with_progress
 
 config_app = typer.Typer(help="Inspect pipeline configs.", no_args_is_help=True)
 
 
 def _load(config: Path | None, slide_mpp: float | None = None):
+    from wsikit.config import ConfigError
+    from wsikit.settings import load_pipeline_config
+
     try:
         return load_pipeline_config(config, {"slide_mpp": slide_mpp})
     except ConfigError as exc:
@@ -29,18 +27,13 @@ def config_show(
     config: Path = typer.Argument(..., help="A YAML pipeline config or patch recipe (configs/)."),
 ) -> None:
     """Print the resolved config: every setting, defaults filled in, after validation."""
-    try:
-        data = load_yaml(config)
-        if "model" in data or "train" in data:  # a patch-classifier recipe (wsikit patches train --config)
-            from wsikit.core.models import ModelConfig
-            from wsikit.core.train import TrainConfig
+    import yaml
 
-            resolved = {
-                "model": to_plain(build(ModelConfig, data.get("model"), f"{config}:model")),
-                "train": to_plain(build(TrainConfig, data.get("train"), f"{config}:train")),
-            }
-        else:
-            resolved = to_plain(load_pipeline_config(config))
+    from wsikit.config import ConfigError
+    from wsikit.settings import resolved_config
+
+    try:
+        resolved = resolved_config(config)
     except ConfigError as exc:
         raise fail(str(exc)) from exc
     out.print(yaml.safe_dump(resolved, sort_keys=False), highlight=False)
@@ -50,7 +43,7 @@ def run(
     config: Path = typer.Argument(..., help="A YAML pipeline config (see configs/)."),
     slides: list[str] = typer.Argument(..., help="Slide files, folders, globs or a CSV/TSV slide list."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Job directory."),
-    slide_mpp: float | None = typer.Option(None, "--slide-mpp", help="MPP for slides whose file has none."),
+    slide_mpp: float | None = typer.Option(None, "--slide-mpp", help=SLIDE_MPP_HELP),
     shard: str | None = typer.Option(
         None, "--shard", help="i/n (default: from the scheduler's array variables)."
     ),
@@ -60,11 +53,10 @@ def run(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry slides that failed before."),
 ) -> None:
     """Tile → extract (→ heatmap) slide by slide, so the first bags appear early; resumable, shardable."""
+    from wsikit.stages.pipeline import run_pipeline
+
     cfg = _load(config, slide_mpp)
-    try:
-        entries = my_slides(resolve_slides(slides, recursive, id_from), shard)
-    except JobError as exc:
-        raise fail(str(exc)) from exc
+    entries = select_slides(slides, recursive, id_from, None, shard)
     summary = with_progress(
         "run", entries, lambda e, **kw: run_pipeline(e, out_dir, cfg, overwrite, retry_failed, **kw)
     )
@@ -85,13 +77,15 @@ def slurm(
     gpus: int = typer.Option(0, "--gpus", help="GPUs per task."),
     time: str = typer.Option("04:00:00", "--time", help="Wall-time limit per task."),
     partition: str | None = typer.Option(None, "--partition", help="Partition / queue."),
-    scheduler: str = typer.Option("slurm", "--scheduler", help=f"{' | '.join(SCHEDULERS)}"),
+    scheduler: str = typer.Option("slurm", "--scheduler", help="slurm | pbs | sge | lsf"),
     script: Path | None = typer.Option(
         None, "--script", help="Where to write it (default <out>/wsikit-array.sh)."
     ),
     submit: bool = typer.Option(False, "--submit", help="Submit it with sbatch and print the job id."),
 ) -> None:
     """Write a ready job-array script (one shard per task, each running `wsikit run`), and optionally submit it."""
+    from wsikit.schedulers import ArrayJob, absolute_slides, write_script
+
     _load(config)  # refuse a bad config before anything is queued
     job = ArrayJob(
         config.absolute(),

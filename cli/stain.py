@@ -8,12 +8,8 @@ from dataclasses import fields
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from wsikit.cli.common import console, fail, out
-from wsikit.stain import StainError, fit_normalizer, list_methods, load_normalizer
-from wsikit.stain.base import normalizer_class
-from wsikit.stain.files import find_images, normalize_files, qc_figure
 
 app = typer.Typer(
     help="Stain normalization (Macenko, Vahadane, Reinhard): fit to a target, apply to tiles.",
@@ -23,6 +19,8 @@ app = typer.Typer(
 
 def _parse_params(method: str, pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings → the method's typed parameters."""
+    from wsikit.stain.base import normalizer_class
+
     types = {f.name: f.type for f in fields(normalizer_class(method).params_type)}
     params: dict = {}
     for pair in pairs:
@@ -41,7 +39,7 @@ def _parse_params(method: str, pairs: list[str]) -> dict:
 @app.command("fit")
 def fit_cmd(
     targets: list[Path] = typer.Argument(..., help="Target image(s): their tissue pixels are pooled."),
-    method: str = typer.Option("macenko", "--method", "-m", help=" | ".join(list_methods())),
+    method: str = typer.Option("macenko", "--method", "-m", help="macenko | vahadane | reinhard"),
     output: Path = typer.Option(..., "--out", "-o", help="Where to write the normalizer (JSON)."),
     source: str | None = typer.Option(
         None,
@@ -53,6 +51,8 @@ def fit_cmd(
     set_: list[str] = typer.Option([], "--set", help="Method parameter KEY=VALUE (repeatable), e.g. io=255."),
 ) -> None:
     """Fit a stain normalizer to target image(s) and save it as JSON (`wsikit stain apply`, `--stain`)."""
+    from wsikit.stain import StainError, fit_normalizer
+
     try:
         params = _parse_params(method, set_)
         if source is not None:
@@ -88,6 +88,11 @@ def apply_cmd(
     ),
 ) -> None:
     """Normalize images with a fitted normalizer; tiles with too little tissue are copied unchanged."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from wsikit.stain import StainError, load_normalizer
+    from wsikit.stain.files import find_images, normalize_files, qc_figure
+
     try:
         norm = load_normalizer(normalizer_json).compile(compile_)
         total = len(find_images(images))

@@ -2,37 +2,27 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import typer
 
 from wsikit.cli.common import (
+    SLIDE_MPP_HELP,
     build_settings,
-    console,
     exit_for,
     fail,
     layered_settings,
-    my_slides,
     print_summary,
+    say,
+    select_slides,
     with_progress,
 )
-from wsikit.jobs import JobError, Status, resolve_slides
-from wsikit.pipeline import expand_specs
-from wsikit.tile_stage import TileConfig, run_tiling
-from wsikit.tiling import TileSpec, TilingError, parse_spec
-from wsikit.tissue import MaskError
 
 
-def _tiles(status: Status) -> str:
-    return " / ".join(str(n) for n in status.info.get("tiles", {}).values())
-
-
-def _ink(status: Status) -> str:
+def _ink(info: dict) -> str:
     """Excluded marker ink: area and colours, e.g. ``1.42 (green, red)``."""
-    area = status.info.get("ink_area_mm2", 0.0)
-    colours = ", ".join(status.info.get("ink_colours") or {})
-    return f"{area:.2f}" + (f" ({colours})" if colours else "")
+    colours = ", ".join(info.get("ink_colours") or {})
+    return f"{info.get('ink_area_mm2', 0.0):.2f}" + (f" ({colours})" if colours else "")
 
 
 def tile(
@@ -60,11 +50,7 @@ def tile(
     min_tissue: float = typer.Option(
         0.5, "--min-tissue", help="Keep tiles whose tissue area fraction is ≥ this."
     ),
-    slide_mpp: float | None = typer.Option(
-        None,
-        "--slide-mpp",
-        help="Resolution (µm/px) of slides whose file has none (a list's mpp column wins).",
-    ),
+    slide_mpp: float | None = typer.Option(None, "--slide-mpp", help=SLIDE_MPP_HELP),
     masks: Path | None = typer.Option(
         None,
         "--masks",
@@ -114,49 +100,41 @@ def tile(
     ),
 ) -> None:
     """Tissue masks (GeoJSON, QC picture) and tile coordinates per spec, resumable and shardable."""
-    if mpp is not None and mag is not None:
-        raise fail("give --mpp or --mag, not both")
+    from wsikit.settings import SettingsError, TileConfig, expand_specs, tile_specs
+    from wsikit.specs import TilingError
+    from wsikit.stages.tile import run_tiling
+    from wsikit.tissue import MaskError
+
     try:
-        base = TileSpec.from_mag(mag, tile_size, overlap) if mag else TileSpec(mpp or 0.5, tile_size, overlap)
-        specs = [base, *(parse_spec(s, tile_size, overlap) for s in spec)]
-        spec_options = ("mpp", "mag", "tile_size", "overlap", "spec")
-        data = layered_settings(
-            ctx,
-            config,
-            "tile",
-            {
-                "specs": (
-                    spec_options,
-                    [{"mpp": x.mpp, "size": x.size, "overlap": x.overlap} for x in specs],
-                ),
-                "min_tissue": (("min_tissue",), min_tissue),
-                "mask.method": (("mask_method",), mask_method),
-                "mask.mpp": (("mask_mpp",), mask_mpp),
-                "mask.channel": (("mask_channel",), mask_channel),
-                "mask.exclude_pen": (("pen",), pen),
-                "mask.min_object_um2": (("min_object",), min_object),
-                "mask.max_hole_um2": (("max_hole",), max_hole),
-                "align": (("align",), align),
-                "complete_parents": (("complete_parents",), complete_parents),
-                "geojson_dir": (("masks",), masks),
-                "save_tiles": (("save_tiles",), save_tiles),
-                "tile_format": (("tile_format",), tile_format),
-                "backend": (("backend",), backend),
-                "align_native": (("align_native",), align_native),
-            },
-        )
-        cfg = build_settings(TileConfig, expand_specs(data, f"{config}:tile"), config, "tile")
-        entries = resolve_slides(slides, recursive=recursive, id_from=id_from)
-    except (TilingError, MaskError, JobError) as exc:
+        specs = [
+            {"mpp": s.mpp, "size": s.size, "overlap": s.overlap}
+            for s in tile_specs(mpp, mag, tile_size, overlap, spec)
+        ]
+        options = {
+            "specs": (("mpp", "mag", "tile_size", "overlap", "spec"), specs),
+            "min_tissue": (("min_tissue",), min_tissue),
+            "mask.method": (("mask_method",), mask_method),
+            "mask.mpp": (("mask_mpp",), mask_mpp),
+            "mask.channel": (("mask_channel",), mask_channel),
+            "mask.exclude_pen": (("pen",), pen),
+            "mask.min_object_um2": (("min_object",), min_object),
+            "mask.max_hole_um2": (("max_hole",), max_hole),
+            "align": (("align",), align),
+            "complete_parents": (("complete_parents",), complete_parents),
+            "geojson_dir": (("masks",), masks),
+            "save_tiles": (("save_tiles",), save_tiles),
+            "tile_format": (("tile_format",), tile_format),
+            "backend": (("backend",), backend),
+            "align_native": (("align_native",), align_native),
+        }
+        data = expand_specs(layered_settings(ctx, config, "tile", options), f"{config}:tile")
+        cfg = build_settings(TileConfig, data, config, "tile")
+    except (TilingError, MaskError, SettingsError) as exc:
         raise fail(str(exc)) from exc
     if masks is not None and not masks.is_dir():
         raise fail(f"{masks}: no such folder of GeoJSON masks")
-    if not entries:
-        raise fail(f"no slides found in {' '.join(slides)}")
-    if slide_mpp is not None:
-        entries = [e if e.mpp is not None else dataclasses.replace(e, mpp=slide_mpp) for e in entries]
-    mine = my_slides(entries, shard)
-    console.print(f"tiling {len(mine)} slide(s) into {out}: {', '.join(s.name for s in cfg.specs)}")
+    mine = select_slides(slides, recursive, id_from, slide_mpp, shard)
+    say(f"tiling {len(mine)} slide(s) into {out}: {', '.join(s.name for s in cfg.specs)}")
     summary = with_progress(
         "tile", mine, run_tiling, job_dir=out, cfg=cfg, overwrite=overwrite, retry_failed=retry_failed
     )
@@ -164,9 +142,9 @@ def tile(
         f"wsikit tile → {out}",
         summary,
         {
-            "tiles per spec": _tiles,
+            "tiles per spec": lambda s: " / ".join(str(n) for n in s.info.get("tiles", {}).values()),
             "tissue %": lambda s: f"{100 * s.info.get('tissue_fraction', 0):.1f}",
-            "ink mm²": _ink,
+            "ink mm²": lambda s: _ink(s.info),
             "mask": lambda s: "computed" if s.info.get("mask_source") == "computed" else "GeoJSON",
         },
     )

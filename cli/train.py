@@ -6,32 +6,41 @@ import json
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from wsikit.bags import BagError
-from wsikit.cli.common import build_settings, console, fail, layered_settings, out
-from wsikit.metrics import fmt_value
-from wsikit.mil.data import DataError, bag_dims, bag_provenance, find_bags, match_bags, read_labels
-from wsikit.mil.evaluate import CheckpointError, evaluate_run, headline_keys
-from wsikit.mil.registry import ModelError, list_models
-from wsikit.mil.train import TrainConfig, TrainError, clear_run, run_cv
-from wsikit.splits import SplitError, read_test_ids
+from wsikit.cli.common import (
+    THREADS_HELP,
+    build_settings,
+    console,
+    fail,
+    layered_settings,
+    options_of,
+    out,
+    warn,
+)
 
-ERRORS = (DataError, BagError, SplitError, TrainError, ModelError, CheckpointError)
-THREADS_HELP = "CPU threads for torch (default: the CPUs allotted to this job). MIL models are small: 1-2 is often fastest."
+TRAIN_NAMES = ("model", "epochs", "lr", "weight_decay", "schedule", "patience", "min_epochs", "monitor", "balance",
+               "accumulate", "max_tiles", "folds", "test_fraction", "seed", "device", "threshold", "target",
+               "calibrate", "bootstrap")  # fmt: skip
 
 
-def set_threads(threads: int | None) -> None:
-    import torch
+def _errors() -> tuple[type[Exception], ...]:
+    from wsikit.bags import BagError
+    from wsikit.mil.data import DataError
+    from wsikit.mil.evaluate import CheckpointError
+    from wsikit.mil.registry import ModelError
+    from wsikit.mil.train import TrainError
+    from wsikit.runtime import DeviceError
+    from wsikit.splits import SplitError
 
-    from wsikit.jobs import allotted_cpus
-
-    torch.set_num_threads(max(1, threads or allotted_cpus()))
+    return (DataError, BagError, SplitError, TrainError, ModelError, CheckpointError, DeviceError)
 
 
 def _list_models(value: bool) -> None:
     if value:
+        from rich.table import Table
+
+        from wsikit.mil.registry import list_models
+
         table = Table(title="models")
         table.add_column("name")
         table.add_column("what")
@@ -129,65 +138,65 @@ def train(
     ),
 ) -> None:
     """Train a slide-level model with patient-level k-fold CV; resumable; reports with mean ± std."""
-    names = ("model", "epochs", "lr", "weight_decay", "schedule", "patience", "min_epochs", "monitor", "balance",
-             "accumulate", "max_tiles", "folds", "test_fraction", "seed", "device", "threshold", "target",
-             "calibrate", "bootstrap")  # fmt: skip
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from wsikit.mil.train import TrainConfig
+    from wsikit.mil.workflow import BagSource, train_from_job
+    from wsikit.runtime import set_threads
+
     values = [model, epochs, lr, weight_decay, schedule, patience, min_epochs, monitor, balance, accumulate,
               max_tiles, folds, test_fraction, seed, device, threshold, target, calibrate, bootstrap]  # fmt: skip
-    options = {n: ((n,), v) for n, v in zip(names, values, strict=True)}
+    options = options_of(TRAIN_NAMES, values)
     options["model_kwargs"] = (("model_opt",), _model_opts(model_opt))
     options["num_workers"] = (("workers",), workers)
     cfg = build_settings(TrainConfig, layered_settings(ctx, config, "mil", options), config, "mil")
-    model = cfg.model
     set_threads(threads)
-    try:
-        cfg.check()
-        if model not in list_models():
-            raise ModelError(f"unknown model {model!r}; see --list-models")
-        table = read_labels(
-            labels, label_col, patient_col=patient_col, classes=classes.split(",") if classes else None
-        )
-        table, paths, warnings = match_bags(table, find_bags(bags, spec, encoder), skip_missing)
-        for w in warnings:
-            console.print(f"[yellow]warning[/] {w}", highlight=False)
-        dim = bag_dims(paths)
-        provenance = bag_provenance(paths, bags)
-        if overwrite:
-            clear_run(out_dir)
-        test_ids = read_test_ids(test_split) if test_split else None
+    source = BagSource(bags, labels, spec, encoder, label_col, patient_col, classes.split(",") if classes else None,
+                       skip_missing)  # fmt: skip
+
+    def on_data(data) -> None:
+        for w in data.warnings:
+            warn(w)
         console.print(
-            f"{len(paths)} slides, {len(set(table.patients))} patients, classes {table.class_names}, "
-            f"{dim}-d features; model {model}, {folds} folds"
+            f"{len(data.paths)} slides, {len(set(data.table.patients))} patients, classes "
+            f"{data.table.class_names}, {data.dim}-d features; model {cfg.model}, {cfg.folds} folds",
+            highlight=False,
         )
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console) as progress:
-            tasks: dict[int, int] = {}
 
-            def on_epoch(k: int, rec: dict) -> None:
-                if k not in tasks:
-                    tasks[k] = progress.add_task(f"fold {k}", total=epochs)
-                mark = "*" if rec["improved"] else " "
-                progress.update(
-                    tasks[k], completed=rec["epoch"] + 1,
-                    description=f"fold {k} loss {rec['train_loss']:.3f} val {rec['val_loss']:.3f} "
-                    f"AUROC {rec['val_auroc']:.3f}{mark}",
-                )  # fmt: skip
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        tasks: dict[int, int] = {}
 
-            report = run_cv(
-                cfg, table, paths, dim, out_dir, provenance, splits, test_ids, fold or None, on_epoch
+        def on_epoch(k: int, rec: dict) -> None:
+            tasks.setdefault(k, progress.add_task(f"fold {k}", total=cfg.epochs))
+            mark = "*" if rec["improved"] else " "
+            progress.update(
+                tasks[k], completed=rec["epoch"] + 1,
+                description=f"fold {k} loss {rec['train_loss']:.3f} val {rec['val_loss']:.3f} "
+                f"AUROC {rec['val_auroc']:.3f}{mark}",
+            )  # fmt: skip
+
+        try:
+            report = train_from_job(
+                source, out_dir, cfg, splits, test_split, fold or None, overwrite, on_data, on_epoch
             )
-    except ERRORS as exc:
-        raise fail(str(exc)) from exc
+        except _errors() as exc:
+            raise fail(str(exc)) from exc
     if not report["complete"]:
         console.print(
             f"folds done: {report['folds_done']} of {report['n_folds']}; run again without --fold to report"
         )
         return
-    _print_report(report, table.class_names)
+    _print_report(report, list(report["class_counts"]))
     out.print(f"report: {Path(out_dir) / 'report.md'}")
 
 
 def _print_report(report: dict, class_names: list[str]) -> None:
+    from rich.table import Table
+
+    from wsikit.mil.evaluate import headline_keys
+    from wsikit.reports import fmt_value
+
     table = Table(title=f"{report['model']}: {report['n_slides']} slides, {report['folds']} folds")
     table.add_column("metric")
     table.add_column("validation mean ± std", justify="right")
@@ -230,21 +239,16 @@ def evaluate(
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Apply the trained fold models (validation-calibrated, validation thresholds) to new slides."""
-    dest = out_dir or Path(run_dir) / "evaluate"
+    from wsikit.mil.evaluate import headline_keys
+    from wsikit.mil.workflow import BagSource, evaluate_from_job
+    from wsikit.reports import fmt_value
+    from wsikit.runtime import set_threads
+
     set_threads(threads)
+    source = BagSource(bags, labels, spec, encoder, label_col, patient_col, skip_missing=skip_missing)
     try:
-        found = find_bags(bags, spec, encoder)
-        table = None
-        if labels is not None:
-            table = read_labels(labels, label_col, patient_col=patient_col)
-            table, paths, warnings = match_bags(table, found, skip_missing)
-            for w in warnings:
-                console.print(f"[yellow]warning[/] {w}", highlight=False)
-            ids = table.slide_ids
-        else:
-            ids, paths = list(found), list(found.values())
-        result = evaluate_run(run_dir, paths, ids, dest, table, device, workers, bootstrap)
-    except ERRORS as exc:
+        result = evaluate_from_job(run_dir, source, out_dir, device, workers, bootstrap, on_warning=warn)
+    except _errors() as exc:
         raise fail(str(exc)) from exc
     out.print(f"{result['n_slides']} slides × {len(result['folds'])} fold models → {result['predictions']}")
     if "ensemble" in result:
@@ -254,4 +258,4 @@ def evaluate(
             "  ".join(f"{k} {fmt_value(ens.get(k))}" for k in keys[:5])
             + f"  (AUROC 95% CI {fmt_value(ens.get('auroc_ci'))})"
         )
-        out.print(f"report: {dest / 'report.md'}")
+        out.print(f"report: {Path(result['predictions']).parent / 'report.md'}")

@@ -15,16 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsikit.core.data import read_image
-from wsikit.core.detect import (
-    CocoDataset,
-    DetectorConfig,
-    DetTrainConfig,
-    coco_map,
-    evaluate_detector,
-    load_coco,
-    train_detector,
-)
+from wsikit.images.coco import CocoDataset, coco_map, load_coco
+from wsikit.images.data import read_image
+from wsikit.images.detect import DetectorConfig, DetTrainConfig, evaluate_detector, train_detector
 
 SIZE = 96
 # Stated floors on the generated test images. Measured (seed 0): Faster R-CNN 0.93 mAP@0.5 / 0.43

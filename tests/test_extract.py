@@ -12,10 +12,12 @@ import tifffile
 
 from wsikit.bags import bag_path, read_bag
 from wsikit.encoders import get_encoder
-from wsikit.extract import ExtractConfig, ExtractError, run_extraction, stage_name
+from wsikit.grids import grid_path, read_grid, write_grid
 from wsikit.jobs import SlideEntry, read_status, resolve_slides
-from wsikit.tile_stage import TileConfig, run_tiling
-from wsikit.tiling import TileSpec, grid_path, read_grid, write_grid
+from wsikit.settings import ExtractConfig, SettingsError, TileConfig
+from wsikit.specs import TileSpec
+from wsikit.stages.extract import ExtractError, run_extraction, stage_name
+from wsikit.stages.tile import run_tiling
 
 FINE, COARSE = "mpp0.50_256px_0ov", "mpp1.00_256px_0ov"
 
@@ -212,7 +214,7 @@ def test_bad_requests(job, tmp_path, encoder):
         _extract(job, encoder, specs=("mpp2.00_256px_0ov",))
     with pytest.raises(ExtractError, match="run `wsikit tile"):
         _extract(tmp_path / "nothing", encoder)
-    with pytest.raises(ExtractError, match="--format"):
+    with pytest.raises(SettingsError, match="--format"):
         ExtractConfig(fmt="npy")
 
 

@@ -27,11 +27,11 @@ from typer.testing import CliRunner
 
 from wsikit.bags import Bag, read_bag, write_bag
 from wsikit.cli.main import app
-from wsikit.extract import run_extraction, stage_name
+from wsikit.grids import read_grid, write_grid
 from wsikit.jobs import BatchSummary, read_status, resolve_slides
-from wsikit.pipeline import load_pipeline_config
-from wsikit.tile_stage import run_tiling
-from wsikit.tiling import read_grid, write_grid
+from wsikit.settings import load_pipeline_config
+from wsikit.stages.extract import run_extraction, stage_name
+from wsikit.stages.tile import run_tiling
 
 WSIKIT = [sys.executable, "-m", "wsikit.cli.main"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
@@ -379,7 +379,7 @@ CRASHING_WORKER = """
 import os, signal, sys, time
 import torch.utils.data
 from wsikit.cli.main import main
-from wsikit.native import TileItems
+from wsikit.tiles import TileItems
 
 read = TileItems.__getitem__
 

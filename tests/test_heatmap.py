@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsikit.heatmap import (
+from wsikit.slide import open_slide
+from wsikit.stages.heatmap import (
     HeatmapError,
     TileScores,
     normalize_scores,
     rasterize,
     render,
-    tile_size_from_bag,
+    size_level0_of,
 )
-from wsikit.slide import open_slide
 
 
 def test_normalize():
@@ -40,13 +40,13 @@ def test_rasterize_places_and_averages():
     assert img[5, 12] == pytest.approx(0.75)  # tiles 2 and 3
 
 
-def test_tile_size_from_bag():
+def test_size_level0_of():
     from wsikit.bags import Bag
 
     bag = Bag(np.zeros((2, 3), np.float32), np.zeros((2, 2), np.int64), {}, {"patch_size_level0": 512})
-    assert tile_size_from_bag(bag) == 512
-    with pytest.raises(HeatmapError, match="tile-size-level0"):
-        tile_size_from_bag(Bag(np.zeros((2, 3), np.float32), np.zeros((2, 2), np.int64)))
+    assert size_level0_of(bag) == 512
+    with pytest.raises(HeatmapError, match="--size-level0"):
+        size_level0_of(Bag(np.zeros((2, 3), np.float32), np.zeros((2, 2), np.int64)))
 
 
 def test_render_on_slide_scores_where_coords_are(sample_slide, tmp_path):

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
+from wsikit.io import atomic_path, write_json
 from wsikit.jobs import (
     JobError,
     SlideEntry,
     StageResult,
-    atomic_path,
     parse_shard,
     read_status,
     resolve_slides,
@@ -21,7 +21,6 @@ from wsikit.jobs import (
     scheduler_shard,
     select_shard,
     slide_lock,
-    write_json,
 )
 
 

@@ -17,13 +17,13 @@ from PIL import Image
 
 from wsikit.jobs import SlideEntry
 from wsikit.pyramid import write_pyramid
+from wsikit.settings import MaskParams, TileConfig
 from wsikit.slide import open_slide
-from wsikit.tile_stage import TileConfig, tile_one
-from wsikit.tiling import TileSpec
+from wsikit.specs import TileSpec
+from wsikit.stages.tile import tile_one
 from wsikit.tissue import (
     EXCLUDE_CLASSES,
     INK_COLOURS,
-    MaskParams,
     TissueMask,
     compute_mask,
     find_ink,

@@ -17,14 +17,17 @@ import wsikit.tiling as tiling
 import wsikit.tissue as tissue
 from wsikit.bags import Bag, BagWriter, bag_path, read_bag, write_bag
 from wsikit.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder
-from wsikit.extract import ExtractConfig, run_extraction
+from wsikit.grids import grid_path, read_grid
 from wsikit.jobs import SlideEntry
 from wsikit.mil.data import BagDataset
 from wsikit.mil.train import TrainConfig, train_fold
-from wsikit.native import TileItems
+from wsikit.settings import ExtractConfig, TileConfig
 from wsikit.slide import open_slide
-from wsikit.tile_stage import TileConfig, run_tiling
-from wsikit.tiling import TileSpec, build_grids, grid_path, read_grid
+from wsikit.specs import TileSpec
+from wsikit.stages.extract import run_extraction
+from wsikit.stages.tile import run_tiling
+from wsikit.tiles import TileItems
+from wsikit.tiling import build_grids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

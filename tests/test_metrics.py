@@ -18,11 +18,10 @@ from wsikit.metrics import (
     expected_calibration_error,
     fit_temperature,
     nll,
-    plot_roc_pr_reliability,
     softmax_t,
     summarize_folds,
-    write_report,
 )
+from wsikit.reports import plot_roc_pr_reliability, write_report
 
 
 def _random_case(rng, n, c, ties=False):

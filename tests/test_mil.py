@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from wsikit.bags import Bag, write_bag
 from wsikit.mil import ModelError, build_model, list_models
+from wsikit.mil.cv import run_cv
 from wsikit.mil.data import (
     ArrayBagDataset,
     BagDataset,
@@ -27,7 +28,7 @@ from wsikit.mil.data import (
     read_labels,
 )
 from wsikit.mil.evaluate import evaluate_run, load_checkpoint, predict_logits
-from wsikit.mil.train import TrainConfig, TrainError, run_cv, train_fold
+from wsikit.mil.train import TrainConfig, TrainError, train_fold
 from wsikit.slide import open_slide
 
 TILE = 128  # level-0 px (the bundled slide has one level, 0.499 µm/px)

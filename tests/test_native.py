@@ -10,23 +10,11 @@ import tifffile
 import torch
 
 from wsikit import decode
-from wsikit.decode import DecodeError
-from wsikit.native import (
-    CPU_DECODERS,
-    NativeError,
-    NativeFile,
-    TileItems,
-    TileSource,
-    assemble_batch,
-    collate_items,
-    decode_jpeg_batch,
-    decode_jpeg_cpu,
-    jpeg_stream,
-    plan_native,
-)
+from wsikit.decode import CPU_DECODERS, DecodeError, decode_jpeg_batch, decode_jpeg_cpu, jpeg_stream
+from wsikit.native import NativeError, NativeFile
 from wsikit.pyramid import write_pyramid
-from wsikit.slide import SAMPLE_SLIDE, open_slide, resize
-from wsikit.tiling import read_tile
+from wsikit.slide import SAMPLE_SLIDE, open_slide
+from wsikit.tiles import TileItems, TileSource, assemble_batch, collate_items, plan_native, read_tile, resize
 
 
 def grid(dims: tuple[int, int], step: int, side: int | None = None) -> np.ndarray:
@@ -319,8 +307,8 @@ def test_dataloader_workers_read_natively(files):
 
 
 def test_align_native_specs(files, tmp_path, real_rgb):
-    from wsikit.native import align_specs_to_native
-    from wsikit.tiling import TileSpec
+    from wsikit.specs import TileSpec
+    from wsikit.tiling import align_specs_to_native
 
     with open_slide(SAMPLE_SLIDE) as slide:  # 0.499 µm/px, 240-px tiles, one level
         specs, notes = align_specs_to_native(slide, [TileSpec(0.5, 256, 16), TileSpec(2.0, 256)])
@@ -336,7 +324,7 @@ def test_tile_align_native_then_every_tile_is_native(tmp_path, real_rgb):
     from typer.testing import CliRunner
 
     from wsikit.cli.main import app
-    from wsikit.tiling import read_grid
+    from wsikit.grids import read_grid
 
     path = write_pyramid(tmp_path / "s.svs", np.ascontiguousarray(real_rgb[:2048, :2048]), 0.5, layout="svs")
     job = tmp_path / "job"
@@ -371,7 +359,8 @@ def test_extract_reader_native_equals_openslide(tmp_path):
     from wsikit.bags import read_bag
     from wsikit.cli.main import app
     from wsikit.encoders import get_encoder
-    from wsikit.extract import ExtractConfig, ExtractError, Extractor, job_slides
+    from wsikit.settings import ExtractConfig, SettingsError
+    from wsikit.stages.extract import Extractor, job_slides
 
     job = tmp_path / "job"
     res = CliRunner().invoke(
@@ -403,5 +392,5 @@ def test_extract_reader_native_equals_openslide(tmp_path):
         feats[reader] = read_bag(out / "bags" / spec / "resnet18" / "CMU-1-Small-Region.h5").features
     assert feats["native"].shape[0] > 20
     assert np.array_equal(feats["native"], feats["openslide"])
-    with pytest.raises(ExtractError, match="--reader"):
+    with pytest.raises(SettingsError, match="--reader"):
         ExtractConfig(reader="fast")

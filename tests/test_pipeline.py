@@ -21,7 +21,7 @@ from wsikit.bags import read_bag
 from wsikit.cli.main import app
 from wsikit.config import ConfigError
 from wsikit.jobs import read_status
-from wsikit.pipeline import load_pipeline_config
+from wsikit.settings import load_pipeline_config
 
 REPO = Path(__file__).resolve().parents[1]
 WSIKIT = [sys.executable, "-m", "wsikit.cli.main"]
@@ -205,7 +205,7 @@ def test_tile_and_extract_take_config_with_command_line_overrides(tmp_path, smal
         ["tile", str(small_slides[1]), "--out", str(job), "--config", str(config), "--min-tissue", "0.25"],
     )
     assert result.exit_code == 0, result.output
-    from wsikit.tiling import read_grid
+    from wsikit.grids import read_grid
 
     grid = read_grid(job / "tiles" / "mpp1.00_128px_0ov" / "s1.h5")  # the file's spec
     assert grid.attrs["min_tissue"] == 0.25  # the command-line option won over the file

@@ -27,16 +27,18 @@ from typer.testing import CliRunner
 from wsikit.bags import Bag, write_bag
 from wsikit.cli.main import app
 from wsikit.config import ConfigError, load_yaml
-from wsikit.core.data import DataError as CoreDataError
-from wsikit.core.data import kfold_set, load_manifest
+from wsikit.images.data import DataError as CoreDataError
+from wsikit.images.data import kfold_set, load_manifest
 from wsikit.jobs import SlideEntry, job_status, read_status
 from wsikit.mil import data as mil_data
+from wsikit.mil.cv import run_cv
 from wsikit.mil.data import DataError, check_bags, find_bags, match_bags, read_labels
-from wsikit.mil.train import TrainConfig, run_cv
+from wsikit.mil.train import TrainConfig
 from wsikit.pyramid import write_pyramid
+from wsikit.settings import TileConfig
 from wsikit.slide import MPPError, SlideError, open_slide
-from wsikit.tile_stage import TileConfig, run_tiling
-from wsikit.tiling import TileSpec
+from wsikit.specs import TileSpec
+from wsikit.stages.tile import run_tiling
 
 SPEC = "mpp0.50_256px_0ov"
 

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 from typer.testing import CliRunner
 
 from wsikit.cli.main import app
-from wsikit.slide import MPPError, SlideError, mag_to_mpp, mpp_to_mag, open_slide, same_mpp
+from wsikit.slide import MPPError, SlideError, open_slide
+from wsikit.specs import mag_to_mpp, mpp_to_mag, same_mpp
 
 
 def test_real_slide_facts(sample_slide):
@@ -90,7 +91,7 @@ def test_best_level_and_read_at_mpp_geometry(pyramids, mpp, level, scale):
         # the tile covers level0_extent(64, mpp) level-0 pixels: compare with a level-0 read resized
         ext = slide.level0_extent(64, mpp)
         assert ext == (64 if same_mpp(mpp, 0.499) else round(64 * mpp / 0.499))
-        from wsikit.slide import resize
+        from wsikit.tiles import resize
 
         expected = resize(slide.read_region((512, 512), 0, (ext, ext)), (64, 64))
         assert np.abs(tile.astype(int) - expected).mean() < 6  # pyramid level vs level-0 resize

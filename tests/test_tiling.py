@@ -14,26 +14,14 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from wsikit.cli.main import app
+from wsikit.grids import TileGrid, grid_path, list_specs, read_grid, write_grid
 from wsikit.jobs import SlideEntry, read_status, resolve_slides
+from wsikit.settings import TileConfig
 from wsikit.slide import open_slide
-from wsikit.tile_stage import TileConfig, run_tiling
-from wsikit.tiling import (
-    Layout,
-    TileGrid,
-    TileSpec,
-    TilingError,
-    aligned_layouts,
-    build_grids,
-    grid_path,
-    list_specs,
-    nominal_layout,
-    parse_spec,
-    read_grid,
-    read_tile,
-    tile_fractions,
-    tile_slide,
-    write_grid,
-)
+from wsikit.specs import Layout, TileSpec, TilingError, aligned_layouts, nominal_layout, parse_spec
+from wsikit.stages.tile import run_tiling
+from wsikit.tiles import read_tile
+from wsikit.tiling import build_grids, tile_fractions, tile_slide
 from wsikit.tissue import compute_mask
 
 # -- specs ---------------------------------------------------------------------------------------------
@@ -63,7 +51,7 @@ def test_layout_uses_the_slide_resolution():
     assert nominal_layout(TileSpec(0.5), 0.499) == Layout(256, 256)  # within 5%: read level 0 as is
     assert nominal_layout(TileSpec(0.5), 0.25) == Layout(512, 512)
     assert nominal_layout(TileSpec(0.5, 256, 32), 0.25) == Layout(512, 448)
-    assert nominal_layout(TileSpec(0.5), 0.2431).size0 == 527
+    assert nominal_layout(TileSpec(0.5), 0.2431).size_level0 == 527
 
 
 # -- geometry: property tests --------------------------------------------------------------------------
@@ -90,21 +78,23 @@ def test_aligned_grids_geometry(dims, slide_mpp, base_mpp, size, overlap_frac, l
         assert (fractions == 1).all()
         # inside the slide
         assert (coords >= 0).all()
-        assert (coords[:, 0] + layout.size0 <= W).all() and (coords[:, 1] + layout.size0 <= H).all()
+        assert (coords[:, 0] + layout.size_level0 <= W).all() and (
+            coords[:, 1] + layout.size_level0 <= H
+        ).all()
         # closed form on a full mask
-        nx = (W - layout.size0) // layout.stride0 + 1 if layout.size0 <= W else 0
-        ny = (H - layout.size0) // layout.stride0 + 1 if layout.size0 <= H else 0
+        nx = (W - layout.size_level0) // layout.stride_level0 + 1 if layout.size_level0 <= W else 0
+        ny = (H - layout.size_level0) // layout.stride_level0 + 1 if layout.size_level0 <= H else 0
         assert len(coords) == nx * ny
         # exact strides and overlaps
         for axis in (0, 1):
             steps = np.diff(np.unique(coords[:, axis]))
-            assert (steps == layout.stride0).all()
-        assert layout.size0 - layout.stride0 == layout.overlap0
+            assert (steps == layout.stride_level0).all()
+        assert layout.size_level0 - layout.stride_level0 == layout.overlap_level0
         nominal = nominal_layout(spec, slide_mpp)
-        assert layout.overlap0 == nominal.overlap0
+        assert layout.overlap_level0 == nominal.overlap_level0
         base = nominal_layout(specs[0], slide_mpp)
-        drift = base.size0 / (specs[0].size * specs[0].mpp / slide_mpp)  # level 0 read as is within 5%
-        assert layout.stride0 / (spec.stride * spec.mpp / slide_mpp) == pytest.approx(drift, rel=0.02)
+        drift = base.size_level0 / (specs[0].size * specs[0].mpp / slide_mpp)  # level 0 read as is within 5%
+        assert layout.stride_level0 / (spec.stride * spec.mpp / slide_mpp) == pytest.approx(drift, rel=0.02)
         # parents contain their children
         for name, index in parents.items():
             coarse = next(g for g in grids if g[0].name == name)
@@ -112,11 +102,15 @@ def test_aligned_grids_geometry(dims, slide_mpp, base_mpp, size, overlap_frac, l
             parent_xy = coarse[2][index[has]]
             child_xy = coords[has]
             assert (parent_xy <= child_xy).all()
-            assert (child_xy + layout.size0 <= parent_xy + coarse[1].size0).all()
+            assert (child_xy + layout.size_level0 <= parent_xy + coarse[1].size_level0).all()
             # a child without a parent sits where no coarse tile fits
             orphan = coords[~has]
             assert (
-                ((orphan // coarse[1].stride0 + 1) * coarse[1].stride0 + coarse[1].overlap0 > [W, H])
+                (
+                    (orphan // coarse[1].stride_level0 + 1) * coarse[1].stride_level0
+                    + coarse[1].overlap_level0
+                    > [W, H]
+                )
                 .any(axis=1)
                 .all()
             )
@@ -163,9 +157,9 @@ def test_non_nesting_specs_are_refused_with_a_fix():
     grids = build_grids([TileSpec(0.5, 224), TileSpec(1.0, 256)], (5000, 4000), 0.5, align=False)
     (_, fine, coords, _, parents), (_, coarse, ccoords, _, _) = grids
     index = parents["mpp1.00_256px_0ov"]
-    centre = coords[index >= 0] + fine.size0 // 2
+    centre = coords[index >= 0] + fine.size_level0 // 2
     p = ccoords[index[index >= 0]]
-    assert ((p <= centre) & (centre < p + coarse.size0)).all()
+    assert ((p <= centre) & (centre < p + coarse.size_level0)).all()
 
 
 def test_min_tissue_and_complete_parents():
@@ -385,7 +379,7 @@ def test_cli_tile_bundled_slide_and_pyramids(tmp_path, sample_slide, pyramids):
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output  # the slide without MPP fails, the rest go on
-    assert "cmu_nompp" in result.output and "--mpp" in result.output
+    assert "cmu_nompp" in result.output and "--slide-mpp" in result.output
     assert list_specs(job) == ["mpp0.50_256px_0ov", "mpp1.00_256px_0ov", "mpp2.00_256px_0ov"]
     for sid in ("cmu_svs", "cmu_generic", "CMU-1-Small-Region"):
         assert read_status(job, "tile", sid).state == "done"

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsikit.slide import SAMPLE_SLIDE, open_slide, resize
+from wsikit.settings import MaskError, MaskParams
+from wsikit.slide import SAMPLE_SLIDE, open_slide
+from wsikit.tiles import resize
 from wsikit.tiling import tile_fractions
 from wsikit.tissue import (
-    MaskError,
-    MaskParams,
     TissueMask,
     compute_mask,
     iou,

@@ -8,6 +8,8 @@ the allowed ones, checks types with pydantic and turns errors into one line nami
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import typing
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from wsikit.jobs import read_text
+from wsikit.io import jsonable, read_text
 
 T = TypeVar("T")
 
@@ -102,14 +104,7 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-def to_plain(obj: Any) -> Any:
-    """A settings object as plain YAML/JSON-able data (paths as strings, tuples as lists)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {k: to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+def fingerprint(settings: dict[str, Any]) -> str:
+    """A short stable hash of the settings that change a stage's outputs (stored in status records, so a
+    resumed run redoes slides done with other settings)."""
+    return hashlib.sha1(json.dumps(jsonable(settings), sort_keys=True).encode()).hexdigest()[:12]

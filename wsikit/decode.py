@@ -1,5 +1,5 @@
 """JPEG tile streams and batched decoding on the CPU (libjpeg-turbo) or a GPU (nvJPEG), plus the
-on-device resize that matches :func:`wsikit.slide.resize`. Used by :mod:`wsikit.native`."""
+on-device resize that matches :func:`wsikit.tiles.resize`. Used by :mod:`wsikit.native` and :mod:`wsikit.tiles`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from wsikit.io import one_line
 
 PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR = 2, 6
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # APP14, transform 0 (no colour transform)
@@ -132,7 +134,7 @@ def _gpu_decode(streams: Sequence[bytes], device: Any) -> Any:
         images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
         return torch.stack(images).permute(0, 2, 3, 1)
     except RuntimeError as exc:
-        _gpu_failed.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        _gpu_failed.append(one_line(exc))
         return None
 
 
@@ -141,7 +143,7 @@ def decode_jpeg_batch(streams: Sequence[bytes], device: Any = "cpu", decoder: st
 
     On a CUDA device the batch goes through torchvision's batched nvJPEG ``decode_jpeg`` (workers then
     only ship bytes). nvJPEG treats every 3-component JPEG as YCbCr (it ignores the Adobe marker), so
-    RGB-encoded tiles must not come here on a GPU: ``wsikit.native.TileSource.gpu_decodable``
+    RGB-encoded tiles must not come here on a GPU: ``wsikit.tiles.TileSource.gpu_decodable``
     says which can. If
     the GPU decoder fails, this and later batches are decoded on the CPU and moved to ``device``.
     """
@@ -173,7 +175,7 @@ def _area_weights(n_in: int, n_out: int, device: Any) -> Any:
 
 
 def resize_batch(x: Any, out_size: int) -> Any:
-    """(B, H, W, 3) uint8 → (B, out, out, 3) uint8 on the same device, as :func:`wsikit.slide.resize`
+    """(B, H, W, 3) uint8 → (B, out, out, 3) uint8 on the same device, as :func:`wsikit.tiles.resize`
     does on the CPU: exact area averaging down (separable overlap weights, = cv2 ``INTER_AREA`` up to
     rounding), bilinear up."""
     import torch

@@ -18,8 +18,9 @@ from PIL import Image
 
 from wsikit.bags import bag_path, read_bag
 from wsikit.jobs import SlideEntry
-from wsikit.pipeline import PipelineSummary, pipeline_config, run_pipeline
+from wsikit.settings import pipeline_config
 from wsikit.slide import SAMPLE_SLIDE, open_slide, slide_facts
+from wsikit.stages.pipeline import PipelineSummary, run_pipeline
 
 DATA = Path(__file__).parent / "data"
 STAIN_TARGET = DATA / "stain_target_he.png"
@@ -49,7 +50,7 @@ def feature_map(
     """
     from sklearn.decomposition import PCA
 
-    from wsikit.heatmap import rasterize, tile_size_from_bag
+    from wsikit.stages.heatmap import rasterize, size_level0_of
 
     bag = read_bag(bag_file)
     with open_slide(slide_path) as slide:
@@ -61,7 +62,7 @@ def feature_map(
     comps = pca.transform(bag.features.astype(np.float32))
     lo, hi = np.percentile(comps, 2, axis=0), np.percentile(comps, 98, axis=0)
     comps = np.clip((comps - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
-    size0 = tile_size_from_bag(bag)
+    size0 = size_level0_of(bag)
     channels = [rasterize(bag.coords, comps[:, i], size0, (w / w0, h / h0), (h, w)) for i in range(n_comp)]
     channels += [channels[-1]] * (3 - n_comp)
     colour = np.stack(channels, axis=-1)
@@ -79,10 +80,10 @@ def pneumonia_example(out_dir: str | Path, epochs: int = 2, data: str | Path = P
     """The labelled-data example: a small ResNet-18 on real PneumoniaMNIST (28 px), selected on ``val``,
     scored once on the official ``test`` split with the shared metrics (AUROC, sensitivity/specificity
     at the validation-chosen threshold, calibration), writing its report and ROC/PR/reliability PNGs."""
-    from wsikit.core.data import load_medmnist, split_set
-    from wsikit.core.evaluate import evaluate_classifier
-    from wsikit.core.models import ModelConfig
-    from wsikit.core.train import TrainConfig, train_classifier
+    from wsikit.images.data import load_medmnist, split_set
+    from wsikit.images.evaluate import evaluate_classifier
+    from wsikit.images.settings import ModelConfig, TrainConfig
+    from wsikit.images.train import train_classifier
 
     images = load_medmnist(data)
     parts = split_set(images)

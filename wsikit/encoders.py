@@ -30,6 +30,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from wsikit.io import one_line
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
@@ -194,8 +196,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise EncoderError(
-            f"--weights {path}: cannot be read as a checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); give a .pth/.safetensors state dict"
+            f"--weights {path}: cannot be read as a checkpoint ({one_line(exc)}); give a .pth/.safetensors state dict"
         ) from exc
     for _ in range(3):
         if isinstance(state, dict):

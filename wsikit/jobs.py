@@ -1,4 +1,5 @@
-"""Job directories shared by every per-slide stage: slide lists, shards, locks, atomic writes, status.
+"""Job directories shared by every per-slide stage: slide lists, shards, locks, status records, the
+per-slide batch loop and the job overview.
 
 A job directory holds each stage's outputs and one status record per slide and stage::
 
@@ -11,18 +12,19 @@ Resume trusts only the status records: a lock or an output file is never taken a
 from __future__ import annotations
 
 import contextlib
-import csv
+import dataclasses
 import glob
 import json
 import os
 import socket
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from wsikit.io import clear_stale_temps, one_line, read_table, write_json
 
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm", ".qptiff",
@@ -32,70 +34,6 @@ STALE_LOCK_SECONDS = 24 * 3600
 
 class JobError(ValueError):
     """Bad job input (slide list, shard, table); the message names the file and the fix."""
-
-
-# -- atomic writes -------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds.
-
-    The temporary name starts with ``.`` and ends with ``.tmp`` so nothing mistakes it for an output;
-    on any error it is removed and an existing ``dest`` is left untouched.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=(suffix or "") + ".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    tmp_path.unlink()  # writers (h5py, zarr, PIL) create the file or folder themselves
-    try:
-        yield tmp_path
-        os.replace(tmp_path, dest) if not dest.is_dir() else _replace_dir(tmp_path, dest)
-    except BaseException:
-        _remove(tmp_path)
-        raise
-
-
-def clear_stale_temps(dest: str | os.PathLike) -> None:
-    """Remove the temporary files that :func:`atomic_path` calls for ``dest`` left behind (a killed
-    writer's). Call only while holding the slide's lock, so that no live writer owns them."""
-    dest = Path(dest)
-    for path in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):
-        _remove(path)
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
-    os.replace(dest, old)
-    os.replace(tmp, dest)
-    _remove(old)
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def write_json(dest: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically (temp file, fsync, rename)."""
-    with atomic_path(dest) as tmp, open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, default=_json_default)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return Path(dest)
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
 # -- slide lists ---------------------------------------------------------------------------------------
@@ -114,32 +52,8 @@ def _is_slide(path: Path) -> bool:
     return path.suffix.lower() in SLIDE_EXTENSIONS and not path.name.startswith(".")
 
 
-def read_text(path: Path, what: str = "file", error: type[Exception] = JobError) -> str:
-    """A UTF-8 text file's contents; an unreadable or non-UTF-8 file raises ``error`` naming the file, the
-    line and the fix."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise error(f"{path}: cannot read the {what} ({exc.strerror})") from exc
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        excel = "'CSV UTF-8' in Excel, or " if path.suffix.lower() in (".csv", ".tsv", ".txt") else ""
-        raise error(
-            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the {what} as UTF-8 "
-            f"(e.g. {excel}iconv -f latin1 -t utf-8)"
-        ) from exc
-
-
-def read_table(path: Path, what: str = "table", error: type[Exception] = JobError) -> list[dict[str, str]]:
-    """Rows of a CSV file (tab-separated for .tsv/.txt) as dicts, read by :func:`read_text`."""
-    dialect = "excel-tab" if path.suffix.lower() in (".tsv", ".txt") else "excel"
-    return list(csv.DictReader(read_text(path, what, error).splitlines(), dialect=dialect))
-
-
 def _read_slide_table(table: Path) -> list[SlideEntry]:
-    rows = read_table(table, "slide list")
+    rows = read_table(table, "slide list", JobError)
     if not rows or "path" not in rows[0]:
         cols = ", ".join(rows[0]) if rows else "none"
         raise JobError(f"{table}: a slide list needs a 'path' column (found: {cols})")
@@ -198,6 +112,13 @@ def resolve_slides(
         seen[e.slide_id] = e.path
     unique = {e.slide_id: e for e in entries}
     return [unique[k] for k in sorted(unique)]
+
+
+def with_slide_mpp(entries: Sequence[SlideEntry], slide_mpp: float | None) -> list[SlideEntry]:
+    """``entries`` with ``slide_mpp`` (µm/px) for the slides whose list gives none (a list's column wins)."""
+    if slide_mpp is None:
+        return list(entries)
+    return [e if e.mpp is not None else dataclasses.replace(e, mpp=slide_mpp) for e in entries]
 
 
 def _slide_id(path: Path, root: Path, id_from: str) -> str:
@@ -266,17 +187,28 @@ def select_shard(entries: Sequence[SlideEntry], shard: tuple[int, int] | None) -
     return ordered[i::n]
 
 
-def allotted_cpus() -> int:
-    """CPUs this process may use: the least of affinity, ``SLURM_CPUS_PER_TASK`` and the cgroup quota."""
-    counts = [len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)]
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if slurm.isdigit():
-        counts.append(int(slurm))
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            counts.append(max(1, int(int(quota) / int(period))))
-    return max(1, min(counts))
+def select_slides(
+    inputs: Sequence[str | os.PathLike],
+    recursive: bool = False,
+    id_from: str = "stem",
+    slide_mpp: float | None = None,
+    shard: str | tuple[int, int] | None = None,
+) -> tuple[list[SlideEntry], int, tuple[int, int] | None]:
+    """This process's slides: :func:`resolve_slides` with the ``slide_mpp`` override
+    (:func:`with_slide_mpp`), then its share for ``shard`` (``"i/n"``, a pair, or None: the scheduler
+    array's task, if any). Returns (slides, how many in all, the shard used)."""
+    entries = with_slide_mpp(resolve_slides(inputs, recursive, id_from), slide_mpp)
+    mine, which = take_share(entries, shard)
+    return mine, len(entries), which
+
+
+def take_share(
+    entries: Sequence[SlideEntry], shard: str | tuple[int, int] | None = None
+) -> tuple[list[SlideEntry], tuple[int, int] | None]:
+    """This process's share of ``entries`` for ``shard`` (``"i/n"``, a pair, or None: the scheduler
+    array's task, if any) and the shard used."""
+    which = parse_shard(shard) if isinstance(shard, str) else shard if shard else scheduler_shard()
+    return select_shard(entries, which), which
 
 
 # -- status records and locks --------------------------------------------------------------------------
@@ -403,12 +335,6 @@ class BatchSummary:
         """Add another run's records to these."""
         for name in ("done", "failed", "skipped", "busy"):
             getattr(self, name).extend(getattr(other, name))
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one line: its message, or its type when it has none."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def run_batch(

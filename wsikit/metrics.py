@@ -16,19 +16,14 @@ Conventions
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 from scipy.stats import rankdata
-
-from wsikit.jobs import atomic_path, write_json
 
 EPS = 1e-12
 
@@ -50,7 +45,7 @@ def as_probs(probs: np.ndarray, n_classes: int | None = None) -> np.ndarray:
     return p
 
 
-def _labels(y_true: np.ndarray, n_classes: int) -> np.ndarray:
+def as_labels(y_true: np.ndarray, n_classes: int) -> np.ndarray:
     y = np.asarray(y_true)
     if y.ndim != 1 or (not np.issubdtype(y.dtype, np.integer) and not np.all(np.mod(y, 1) == 0)):
         raise MetricError("labels must be a (N,) vector of integer class indices")
@@ -154,7 +149,7 @@ def predict_labels(probs: np.ndarray, threshold: float | None = None) -> np.ndar
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
     """Top-label ECE: sum over equal-width confidence bins of |accuracy - confidence| weighted by bin size."""
     p = as_probs(probs)
-    y = _labels(y, p.shape[1])
+    y = as_labels(y, p.shape[1])
     if y.size == 0:
         return float("nan")
     conf = p.max(axis=1)
@@ -170,7 +165,7 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 1
 def reliability_bins(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> dict[str, np.ndarray]:
     """Per-bin mean confidence, accuracy and count (top-label), for reliability diagrams."""
     p = as_probs(probs)
-    y = _labels(y, p.shape[1])
+    y = as_labels(y, p.shape[1])
     conf = p.max(axis=1)
     correct = (p.argmax(axis=1) == y).astype(np.float64)
     bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
@@ -194,7 +189,7 @@ def softmax_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def nll(probs: np.ndarray, y: np.ndarray) -> float:
     """Mean negative log-likelihood (log loss) of the true class."""
     p = as_probs(probs)
-    y = _labels(y, p.shape[1])
+    y = as_labels(y, p.shape[1])
     p = p / p.sum(axis=1, keepdims=True)
     return float(-np.mean(np.log(np.clip(p[np.arange(y.size), y], EPS, 1.0))))
 
@@ -206,7 +201,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     [0.05, 20] on a log scale.
     """
     z = _as_logits(logits)
-    y = _labels(y, z.shape[1])
+    y = as_labels(y, z.shape[1])
     if y.size == 0:
         return 1.0
 
@@ -221,7 +216,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 def brier(probs: np.ndarray, y: np.ndarray) -> float:
     """Brier score (see the module docstring for the binary / multi-class forms)."""
     p = as_probs(probs)
-    y = _labels(y, p.shape[1])
+    y = as_labels(y, p.shape[1])
     if p.shape[1] == 2:
         return float(np.mean((p[:, 1] - y) ** 2))
     onehot = np.eye(p.shape[1])[y]
@@ -239,7 +234,7 @@ def _div(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
 
 
-def _nanmean(values: Sequence[float]) -> float:
+def nanmean(values: Sequence[float]) -> float:
     v = np.asarray(values, dtype=np.float64)
     return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
 
@@ -265,7 +260,7 @@ def evaluate_predictions(
     names = list(class_names) if class_names is not None else [str(i) for i in range(n_classes)]
     if len(names) != n_classes:
         raise MetricError(f"{len(names)} class names for {n_classes} probability columns")
-    y = _labels(y_true, n_classes)
+    y = as_labels(y_true, n_classes)
     if y.shape[0] != p.shape[0]:
         raise MetricError(f"{y.shape[0]} labels but {p.shape[0]} rows of probabilities")
     binary = n_classes == 2
@@ -289,15 +284,15 @@ def evaluate_predictions(
         "class_names": names,
         "class_counts": per([int(c) for c in np.bincount(y, minlength=n_classes)]),
         "threshold": thr,
-        "auroc_macro": auroc[1] if binary else _nanmean(auroc),
+        "auroc_macro": auroc[1] if binary else nanmean(auroc),
         "auroc_per_class": per(auroc),
-        "ap_macro": ap[1] if binary else _nanmean(ap),
+        "ap_macro": ap[1] if binary else nanmean(ap),
         "ap_per_class": per(ap),
         "accuracy": _div(tp.sum(), total),
-        "balanced_accuracy": _nanmean(sens),
-        "sensitivity_macro": _nanmean(sens),
-        "specificity_macro": _nanmean(spec),
-        "f1_macro": _nanmean([0.0 if math.isnan(v) else v for v in f1]) if total else float("nan"),
+        "balanced_accuracy": nanmean(sens),
+        "sensitivity_macro": nanmean(sens),
+        "specificity_macro": nanmean(spec),
+        "f1_macro": nanmean([0.0 if math.isnan(v) else v for v in f1]) if total else float("nan"),
         "sensitivity_per_class": per(sens),
         "specificity_per_class": per(spec),
         "ppv_per_class": per(ppv),
@@ -325,7 +320,7 @@ def auroc_metric(y: np.ndarray, probs: np.ndarray) -> float:
     p = as_probs(probs)
     if p.shape[1] == 2:
         return binary_auroc(np.asarray(y) == 1, p[:, 1])
-    return _nanmean([binary_auroc(np.asarray(y) == k, p[:, k]) for k in range(p.shape[1])])
+    return nanmean([binary_auroc(np.asarray(y) == k, p[:, k]) for k in range(p.shape[1])])
 
 
 def bootstrap_ci(
@@ -387,178 +382,3 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float | None]:
         elif v is None and key not in ("threshold",):
             flat[name] = None
     return flat
-
-
-# -- pictures and reports ------------------------------------------------------------------------------
-def plot_roc_pr_reliability(
-    y_true: np.ndarray,
-    probs: np.ndarray,
-    class_names: Sequence[str] | None,
-    out_dir: str | os.PathLike,
-    prefix: str = "",
-    n_bins: int = 15,
-) -> list[Path]:
-    """Write ``roc.png``, ``pr.png`` and ``reliability.png`` (one curve per class; binary: class 1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    p = as_probs(probs)
-    y = _labels(y_true, p.shape[1])
-    names = list(class_names) if class_names is not None else [str(i) for i in range(p.shape[1])]
-    classes = [1] if p.shape[1] == 2 else list(range(p.shape[1]))
-    out_dir = Path(out_dir)
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for k in classes:
-        if (y == k).all() or not (y == k).any():
-            continue
-        fpr, tpr, _ = roc_curve(y == k, p[:, k])
-        ax.plot(fpr, tpr, label=f"{names[k]} (AUROC {binary_auroc(y == k, p[:, k]):.3f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right", fontsize=8)
-    paths.append(_save(fig, out_dir / f"{prefix}roc.png"))
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for k in classes:
-        if not (y == k).any():
-            continue
-        recall, precision = pr_curve(y == k, p[:, k])
-        ax.step(
-            recall, precision, where="post", label=f"{names[k]} (AP {average_precision(y == k, p[:, k]):.3f})"
-        )
-        ax.axhline((y == k).mean(), color="grey", lw=0.6, ls=":")
-    ax.set(xlabel="recall", ylabel="precision", title="precision-recall", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower left", fontsize=8)
-    paths.append(_save(fig, out_dir / f"{prefix}pr.png"))
-
-    rb = reliability_bins(p, y, n_bins)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    centers = (rb["edges"][:-1] + rb["edges"][1:]) / 2
-    has = rb["count"] > 0
-    ax.bar(centers[has], rb["accuracy"][has], width=1 / n_bins, edgecolor="k", alpha=0.7, label="accuracy")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
-    ece = expected_calibration_error(p, y, n_bins)
-    ax.set(xlabel="confidence (top class)", ylabel="accuracy", title=f"reliability (ECE {ece:.3f})")
-    ax.set(xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="upper left", fontsize=8)
-    paths.append(_save(fig, out_dir / f"{prefix}reliability.png"))
-    return paths
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
-
-
-def jsonable(obj: Any) -> Any:
-    """``obj`` with nan/inf → None and numpy scalars/arrays → Python, so JSON stays standard."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def fmt_value(v: Any) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    if isinstance(v, dict) and "mean" in v and "std" in v:
-        return f"{fmt_value(v['mean'])} ± {fmt_value(v['std'])}"
-    if (
-        isinstance(v, (list, tuple))
-        and len(v) == 2
-        and all(isinstance(x, (float, int)) or x is None for x in v)
-    ):
-        return f"[{fmt_value(v[0])}, {fmt_value(v[1])}]"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
-
-
-def markdown_report(metrics: dict[str, Any], title: str = "Results") -> str:
-    """A readable markdown rendering of a (possibly nested) metrics dict.
-
-    Dicts from :func:`evaluate_predictions` become a headline table, a per-class table and a
-    confusion matrix; :func:`summarize_folds` output becomes ``mean ± std`` rows; other scalars a
-    key/value table.
-    """
-    lines = [f"# {title}", ""]
-    _md_section(metrics, lines, level=2)
-    return "\n".join(lines).rstrip() + "\n"
-
-
-HEADLINE = (
-    "auroc_macro", "auroc", "ap_macro", "balanced_accuracy", "accuracy", "sensitivity", "specificity",
-    "ppv", "npv", "f1", "f1_macro", "ece", "brier", "nll", "threshold", "temperature",
-)  # fmt: skip
-
-
-def _md_section(d: dict[str, Any], lines: list[str], level: int) -> None:
-    if "auroc_per_class" in d and "confusion_matrix" in d:
-        _md_evaluation(d, lines)
-        return
-    scalars = {k: v for k, v in d.items() if not isinstance(v, dict) or {"mean", "std"} <= set(v)}
-    if scalars:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [
-            f"| {k} | {fmt_value(v)} |" for k, v in scalars.items() if not isinstance(v, list) or len(v) == 2
-        ]
-        lines.append("")
-    for key, v in d.items():
-        if isinstance(v, dict) and not {"mean", "std"} <= set(v):
-            lines += [f"{'#' * level} {key}", ""]
-            _md_section(v, lines, level + 1)
-
-
-def _md_evaluation(d: dict[str, Any], lines: list[str]) -> None:
-    names = d["class_names"]
-    counts = ", ".join(f"{n}: {d['class_counts'][n]}" for n in names)
-    lines += [f"{d['n']} cases ({counts})", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {fmt_value(d[k])} |" for k in HEADLINE if k in d]
-    for key, v in d.items():
-        if key.endswith("_ci"):
-            lines.append(f"| {key} (95% bootstrap) | {fmt_value(v)} |")
-    lines += [
-        "",
-        "| class | AUROC | AP | sensitivity | specificity | PPV | F1 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for n in names:
-        row = [d[f"{m}_per_class"][n] for m in ("auroc", "ap", "sensitivity", "specificity", "ppv", "f1")]
-        lines.append(f"| {n} | " + " | ".join(fmt_value(v) for v in row) + " |")
-    lines += ["", "confusion matrix (rows: true, columns: predicted)", ""]
-    lines += ["| true \\ pred | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for n, row in zip(names, d["confusion_matrix"], strict=True):
-        lines.append(f"| {n} | " + " | ".join(str(c) for c in row) + " |")
-    lines.append("")
-
-
-def write_report(
-    metrics: dict[str, Any], out_dir: str | os.PathLike, name: str = "report", title: str = "Results"
-) -> tuple[Path, Path]:
-    """Write ``<name>.json`` (standard JSON: nan → null) and ``<name>.md`` into ``out_dir``; atomic."""
-    out_dir = Path(out_dir)
-    clean = jsonable(metrics)
-    json_path = write_json(out_dir / f"{name}.json", clean)
-    md_path = out_dir / f"{name}.md"
-    with atomic_path(md_path) as tmp:
-        tmp.write_text(markdown_report(clean, title))
-    json.loads(json_path.read_text())  # fail loudly if it is not standard JSON
-    return json_path, md_path

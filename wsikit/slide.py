@@ -11,18 +11,18 @@ import errno
 import logging
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
+
+from wsikit.io import first_line
+from wsikit.specs import MPP_TOLERANCE, mpp_to_mag, same_mpp
+from wsikit.tiles import LevelChoice, choose_level, read_area, resize
 
 Backend = Literal["auto", "openslide", "tiffslide"]
 
-#: Relative tolerance within which two resolutions count as the same (0.499 vs 0.5 µm/px).
-MPP_TOLERANCE = 0.05
 #: Plausible range for a microscopy MPP in µm/px; outside it a resolution tag is a default, not a scan.
 MPP_PLAUSIBLE = (0.05, 20.0)
 #: Longest plausible slide side in pixels (about 1 m at 0.25 µm/px); a header claiming more is damaged.
@@ -38,32 +38,6 @@ class SlideError(RuntimeError):
 
 class MPPError(SlideError):
     """A slide has no trustworthy physical resolution."""
-
-
-def mag_to_mpp(magnification: float) -> float:
-    """Convert an objective magnification to µm/px by wsikit's convention (10 / magnification)."""
-    if magnification <= 0:
-        raise ValueError(f"magnification must be positive, got {magnification}")
-    return 10.0 / magnification
-
-
-def mpp_to_mag(mpp: float) -> float:
-    """Inverse of :func:`mag_to_mpp`: the nominal magnification of a resolution (10 / mpp)."""
-    return 10.0 / mpp
-
-
-def same_mpp(a: float, b: float, tol: float = MPP_TOLERANCE) -> bool:
-    """True when two resolutions differ by less than ``tol`` (relative)."""
-    return abs(a / b - 1.0) <= tol
-
-
-@dataclass(frozen=True)
-class LevelChoice:
-    """The pyramid level to read for a target resolution and the scale from that level to the target."""
-
-    level: int
-    downsample: float
-    scale: float  # level pixels per target pixel (1.0 = no resize)
 
 
 def _plausible(mpp: float) -> bool:
@@ -205,7 +179,7 @@ class Slide:
                 self.backend = name
                 break
             except Exception as exc:  # each backend raises its own types; collect and report them all
-                errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+                errors.append(f"{name}: {first_line(exc)}")
         else:
             raise SlideError(
                 f"{path}: cannot be opened as a slide ({'; '.join(errors)}); "
@@ -231,6 +205,12 @@ class Slide:
         self.path, self.slide_id = state["path"], state["slide_id"]
         self._requested_backend, self._mpp_override = state["backend"], state["mpp"]
         self._open()
+
+    def reopen(self, backend: Backend) -> Slide:
+        """This slide opened with another reader (itself when it already uses ``backend``)."""
+        if backend == self.backend:
+            return self
+        return Slide(self.path, backend=backend, mpp=self._mpp_override, slide_id=self.slide_id)
 
     def close(self) -> None:
         """Release the file handle."""
@@ -313,7 +293,7 @@ class Slide:
         if self._mpp is None:
             raise MPPError(
                 f"{self.path}: no trustworthy MPP in the file (no vendor MPP, no microscopy resolution tags); "
-                "pass mpp= (CLI: --slide-mpp 0.25 to tile/run, --mpp to info/heatmap) or add an 'mpp' column to the slide list"
+                "pass mpp= (CLI: --slide-mpp, e.g. --slide-mpp 0.25) or add an 'mpp' column to the slide list"
             )
         return self._mpp
 
@@ -334,14 +314,7 @@ class Slide:
 
     def best_level(self, mpp: float, tol: float = MPP_TOLERANCE) -> LevelChoice:
         """The coarsest level not coarser than ``mpp`` (within ``tol``), and the resize scale from it."""
-        target_ds = mpp / self.mpp0 if not same_mpp(mpp, self.mpp0, tol) else 1.0
-        best = 0
-        for level, ds in enumerate(self.level_downsamples):
-            if ds <= target_ds * (1.0 + tol):
-                best = level if ds >= self.level_downsamples[best] else best
-        ds = self.level_downsamples[best]
-        scale = target_ds / ds
-        return LevelChoice(best, ds, 1.0 if abs(scale - 1.0) <= tol else scale)
+        return choose_level(self.level_downsamples, mpp / self.mpp0, tol)
 
     # -- pixels ----------------------------------------------------------------------------------------
     def read_region(self, xy_level0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
@@ -354,7 +327,7 @@ class Slide:
             else:
                 arr = np.asarray(self._handle.read_region((x, y), level, (w, h)))
         except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = first_line(exc)
             raise SlideError(
                 f"{self.path}: failed to read {w}x{h} px at ({x}, {y}) level {level} ({reason}); "
                 "the file may be damaged there, copy the slide again"
@@ -366,16 +339,10 @@ class Slide:
     ) -> np.ndarray:
         """Read a ``size_px`` tile at resolution ``mpp`` whose top-left is ``xy_level0``.
 
-        Reads from the best pyramid level (see :meth:`best_level`) and resizes with antialiasing.
+        Reads from the best pyramid level and resizes with antialiasing (:func:`wsikit.tiles.read_area`).
         """
         w, h = (size_px, size_px) if isinstance(size_px, int | np.integer) else size_px
-        choice = self.best_level(mpp)
-        ext0 = (self.level0_extent(w, mpp), self.level0_extent(h, mpp))
-        if choice.scale == 1.0 and choice.level == 0:
-            return self.read_region(xy_level0, 0, (w, h))
-        lw, lh = (max(1, round(e / choice.downsample)) for e in ext0)
-        region = self.read_region(xy_level0, choice.level, (lw, lh))
-        return resize(region, (w, h))
+        return read_area(self, xy_level0, (self.level0_extent(w, mpp), self.level0_extent(h, mpp)), (w, h))
 
     def thumbnail(self, max_side: int | None = 1024, mpp: float | None = None) -> np.ndarray:
         """Whole-slide RGB picture at ``mpp`` µm/px, or with its longer side ``max_side`` pixels.
@@ -391,10 +358,7 @@ class Slide:
         else:
             raise ValueError("thumbnail needs max_side or mpp")
         out_w, out_h = max(1, round(W / factor)), max(1, round(H / factor))
-        level = 0
-        for lv, ds in enumerate(self.level_downsamples):
-            if ds <= factor * (1 + MPP_TOLERANCE):
-                level = lv if ds >= self.level_downsamples[level] else level
+        level = choose_level(self.level_downsamples, factor).level
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
         level_rows_per_strip = max(1, 2**22 // max(lw, 1))  # about 12 MB of RGB per strip
@@ -427,15 +391,6 @@ def _to_rgb(arr: np.ndarray) -> np.ndarray:
         rgb = arr[..., :3].astype(np.uint32)
         return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
     return np.ascontiguousarray(arr[..., :3])
-
-
-def resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an (H, W, C) uint8 image to ``size`` (w, h): area averaging down, bilinear up."""
-    w, h = size
-    if img.shape[1] == w and img.shape[0] == h:
-        return img
-    shrinking = w < img.shape[1] or h < img.shape[0]
-    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
 def _open_openslide(path: Path):
@@ -488,6 +443,20 @@ def slide_facts(slide: Slide) -> dict[str, Any]:
         "objective_power": slide.objective_power,
         "associated_images": sorted(slide.associated_images),
     }
+
+
+def describe_slides(
+    paths: Sequence[str | os.PathLike], backend: Backend = "auto", slide_mpp: float | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`slide_facts` of each slide that opens, and the one-line error of each that does not."""
+    facts, errors = [], []
+    for path in paths:
+        try:
+            with open_slide(path, backend=backend, mpp=slide_mpp) as slide:
+                facts.append(slide_facts(slide))
+        except SlideError as exc:
+            errors.append(str(exc))
+    return facts, errors
 
 
 #: The real slide bundled with wsikit (CMU-1-Small-Region.svs, CC0), used by the demo and the tests.

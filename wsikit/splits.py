@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from wsikit.jobs import atomic_path
+from wsikit.io import atomic_path
 
 
 class SplitError(ValueError):

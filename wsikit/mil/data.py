@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from wsikit.bags import open_features
-from wsikit.jobs import read_table
+from wsikit.io import first_line, jsonable, read_table
 
 PROVENANCE_KEYS = (
     "encoder", "encoder_name", "weights_id", "spec", "spec_name", "mpp", "target_mpp", "patch_size",
@@ -297,7 +297,7 @@ def _inspect_bag(
                 why.append(f"{bad} NaN/Inf feature values")
             return n, d, identity, tuple(why)
     except Exception as exc:  # every reader raises its own types: name the file and go on
-        return 0, None, {}, (f"unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",)
+        return 0, None, {}, (f"unreadable: {first_line(exc)}",)
 
 
 def check_bags(paths: Sequence[Path]) -> BagReport:
@@ -362,24 +362,12 @@ def bag_provenance(paths: Sequence[Path], source: str | os.PathLike | None = Non
 
     bag = read_bag(paths[0])
     attrs = {**bag.coords_attrs, **bag.attrs}
-    kept = {k: _plain(v) for k, v in attrs.items() if k in PROVENANCE_KEYS or k.startswith("encoder")}
+    kept = {k: jsonable(v) for k, v in attrs.items() if k in PROVENANCE_KEYS or k.startswith("encoder")}
     return {
         "source": str(source) if source else str(Path(paths[0]).parent),
         "n_bags": len(paths),
         "attrs": kept,
     }
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, (np.integer, np.floating)):
-        return v.item()
-    if isinstance(v, bytes):
-        return v.decode(errors="replace")
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    return v
 
 
 class BagDataset(Dataset):

@@ -20,13 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from wsikit.jobs import atomic_path, write_json
+from wsikit.io import atomic_path, jsonable, write_json
 from wsikit.metrics import (
     auroc_metric,
     bootstrap_ci,
     evaluate_predictions,
-    jsonable,
-    plot_roc_pr_reliability,
     predict_labels,
     softmax_t,
     summarize_folds,
@@ -34,6 +32,8 @@ from wsikit.metrics import (
 from wsikit.mil.base import MILModel
 from wsikit.mil.data import BagDataset, DataError, LabelsTable, bag_dims, first_item
 from wsikit.mil.registry import ModelSpec
+from wsikit.reports import fmt_value, markdown_body, plot_roc_pr_reliability, write_markdown
+from wsikit.runtime import resolve_device
 
 CHECKPOINT_FORMAT = "wsikit-mil/1"
 
@@ -56,12 +56,6 @@ class FoldModel:
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         return softmax_t(logits, self.temperature)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> FoldModel:
@@ -268,20 +262,13 @@ def evaluate_run(
 
 
 def evaluation_markdown(result: dict[str, Any]) -> str:
-    from wsikit.metrics import fmt_value, markdown_report
-
+    """The body of an evaluation's ``report.md``."""
     lines = [
         f"{result['n_slides']} slides, {len(result['folds'])} fold model(s); ensemble = mean of calibrated "
         f"probabilities, threshold {fmt_value(result['threshold'])} (median of the folds' validation thresholds).",
         "",
     ]
-    body = markdown_report(
+    body = markdown_body(
         jsonable({"ensemble": result["ensemble"], "per-fold mean ± std": result["per_fold_summary"]})
     )
-    return "\n".join(lines) + "\n" + body.split("\n", 2)[2]
-
-
-def write_markdown(path: Path, body: str, title: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(f"# {title}\n\n{body}")
-    return path
+    return "\n".join(lines) + "\n" + body

@@ -1,6 +1,6 @@
 """Training slide-level models: one fold (with early stopping, checkpoints, calibration) and k-fold runs.
 
-Run directory::
+Fold directory (in a run directory, see :mod:`wsikit.mil.cv`)::
 
     <run>/config.json            the TrainConfig, classes, data and bag provenance
     <run>/splits.csv             patient-level folds (reused when the run is resumed)
@@ -33,29 +33,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from wsikit import __version__
-from wsikit.jobs import atomic_path, write_json
-from wsikit.metrics import (
-    MetricError,
-    auroc_metric,
-    choose_threshold,
-    fit_temperature,
-    jsonable,
-    summarize_folds,
-)
-from wsikit.mil.data import BagDataset, LabelsTable, check_training_data, first_item
+from wsikit.io import jsonable, write_json
+from wsikit.metrics import MetricError, auroc_metric, choose_threshold, fit_temperature
+from wsikit.mil.data import BagDataset, first_item
 from wsikit.mil.evaluate import (
     CHECKPOINT_FORMAT,
-    headline_keys,
     load_checkpoint,
-    plot_roc_pr_reliability,
     predict_logits,
-    resolve_device,
-    score_predictions,
-    write_markdown,
-    write_predictions_csv,
 )
 from wsikit.mil.registry import ModelSpec, build_model
-from wsikit.splits import Fold, assert_no_leak, load_splits, patient_kfold, save_splits
+from wsikit.runtime import resolve_device, save_checkpoint
 
 
 class TrainError(ValueError):
@@ -105,7 +92,7 @@ class TrainConfig:
 RUNTIME_KEYS = ("device", "num_workers", "bootstrap")  # may change when a run is resumed
 
 
-def _fingerprint(config: dict[str, Any]) -> dict[str, Any]:
+def train_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     """The options that change the trained models (what a resumed run must share)."""
     return {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
 
@@ -134,9 +121,139 @@ def _epoch_order(y: np.ndarray, cfg: TrainConfig, epoch: int) -> list[int]:
     return rng.permutation(len(y)).tolist()
 
 
-def _save(path: Path, obj: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> Any:
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.01)
+    if cfg.schedule == "plateau":
+        mode = "min" if cfg.monitor == "loss" else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode=mode, factor=0.5, patience=max(1, cfg.patience // 3)
+        )
+    return None
+
+
+@dataclass
+class _FoldRun:
+    """One fold's model, optimiser and loop state while it trains."""
+
+    cfg: TrainConfig
+    model: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    device: torch.device
+    weight: torch.Tensor | None
+    meta: dict[str, Any]
+    state: dict[str, Any] = field(
+        default_factory=lambda: {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    )
+
+    def resume(self, last: Path) -> None:
+        """Continue from ``last.pt`` (made with the same options and slides, else refused)."""
+        ckpt = torch.load(last, map_location=self.device, weights_only=True)
+        if (
+            train_fingerprint(ckpt.get("train_config", {})) != train_fingerprint(self.meta["train_config"])
+            or ckpt.get("train_slides") != self.meta["train_slides"]
+        ):
+            raise TrainError(f"{last}: made with other options or slides; use a new --out or --overwrite")
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if self.sched is not None:
+            self.sched.load_state_dict(ckpt["scheduler"])
+        self.state = ckpt["state"]
+
+    def train_epoch(self, train_ds: BagDataset, y_train: np.ndarray, epoch: int) -> float:
+        """One pass over the training fold (``accumulate`` bags per step); returns the mean loss."""
+        cfg, model, opt = self.cfg, self.model, self.opt
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        train_ds.set_epoch(epoch)
+        order = _epoch_order(y_train, cfg, epoch)
+        loader = DataLoader(
+            train_ds, batch_size=1, sampler=order, num_workers=cfg.num_workers, collate_fn=first_item
+        )
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        bag_weight = float(getattr(model, "bag_weight", 1.0))
+        total, steps = 0.0, 0
+        for step, item in enumerate(loader):
+            label = torch.tensor([item["label"]], device=self.device)
+            out = model(item["features"].to(self.device), label=item["label"], coords=item["coords"])
+            loss = bag_weight * F.cross_entropy(out.logits[None].float(), label, weight=self.weight)
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
+            (loss / cfg.accumulate).backward()
+            if (step + 1) % cfg.accumulate == 0 or step + 1 == len(y_train):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            total += float(loss.detach())
+            steps += 1
+        return total / max(steps, 1)
+
+    def validate(self, val_ds: BagDataset, y_val: np.ndarray) -> tuple[float, float, float]:
+        """(validation loss, AUROC, the monitored value; the loss where AUROC is undefined)."""
+        logits = predict_logits(self.model, val_ds, self.device, self.cfg.num_workers)
+        weight = None if self.weight is None else self.weight.cpu()
+        val_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_val), weight=weight))
+        val_auroc = auroc_metric(y_val, torch.softmax(torch.from_numpy(logits), 1).numpy())
+        value = val_loss if self.cfg.monitor == "loss" else val_auroc
+        if not math.isfinite(value):  # e.g. AUROC of a one-class validation fold: fall back to the loss
+            value = val_loss if self.cfg.monitor == "loss" else -val_loss
+        return val_loss, val_auroc, value
+
+    def step(self, epoch: int, value: float, fold_dir: Path) -> bool:
+        """Keep ``best.pt`` when ``value`` improved, step the schedule; returns whether it improved."""
+        best, loss = self.state["best"], self.cfg.monitor == "loss"
+        improved = best is None or (value < best - 1e-6 if loss else value > best + 1e-6)
+        if improved:
+            self.state.update(best=value, best_epoch=epoch, bad_epochs=0)
+            save_checkpoint(
+                fold_dir / "best.pt",
+                {**self.meta, "state_dict": self.model.state_dict(), "epoch": epoch, "monitor": value},
+            )
+        else:
+            self.state["bad_epochs"] += 1
+        if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.sched.step(value)
+        elif self.sched is not None:
+            self.sched.step()
+        return improved
+
+    def save_last(self, last: Path) -> None:
+        scheduler = self.sched.state_dict() if self.sched is not None else {}
+        save_checkpoint(
+            last,
+            {**self.meta, "state_dict": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+             "scheduler": scheduler, "state": jsonable(self.state)},
+        )  # fmt: skip
+
+
+def _start_fold(
+    cfg: TrainConfig,
+    train_ds: BagDataset,
+    val_ds: BagDataset,
+    class_names: Sequence[str],
+    in_dim: int,
+    provenance: dict[str, Any] | None,
+) -> _FoldRun:
+    """A fold's model (seeded), optimiser, schedule, class weights and checkpoint metadata."""
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    spec = ModelSpec(cfg.model, in_dim, len(class_names), dict(cfg.model_kwargs))
+    model = build_model(spec.name, in_dim, len(class_names), **spec.kwargs).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    y_train = np.asarray(train_ds.labels)
+    weight = class_weights(y_train, len(class_names)).to(device) if cfg.balance == "loss" else None
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "model": spec.to_dict(),
+        "class_names": list(class_names),
+        "label_map": {c: i for i, c in enumerate(class_names)},
+        "train_config": jsonable(asdict(cfg)),
+        "provenance": jsonable(provenance or {}),
+        "train_slides": list(train_ds.slide_ids),
+        "val_slides": list(val_ds.slide_ids),
+        "wsikit_version": __version__,
+    }
+    return _FoldRun(cfg, model, opt, _scheduler(cfg, opt), device, weight, meta)
 
 
 def train_fold(
@@ -158,130 +275,25 @@ def train_fold(
     cfg.check()
     fold_dir = Path(fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    n_classes = len(class_names)
     y_train, y_val = np.asarray(train_ds.labels), np.asarray(val_ds.labels)
-    seed_everything(cfg.seed)
-    spec = ModelSpec(cfg.model, in_dim, n_classes, dict(cfg.model_kwargs))
-    model = build_model(spec.name, in_dim, n_classes, **spec.kwargs).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.schedule == "cosine":
-        sched: Any = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.01)
-    elif cfg.schedule == "plateau":
-        mode = "min" if cfg.monitor == "loss" else "max"
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode=mode, factor=0.5, patience=max(1, cfg.patience // 3)
-        )
-    else:
-        sched = None
-    weight = class_weights(y_train, n_classes).to(device) if cfg.balance == "loss" else None
-    bag_weight = float(getattr(model, "bag_weight", 1.0))
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "model": spec.to_dict(),
-        "class_names": list(class_names),
-        "label_map": {c: i for i, c in enumerate(class_names)},
-        "train_config": jsonable(asdict(cfg)),
-        "provenance": jsonable(provenance or {}),
-        "train_slides": list(train_ds.slide_ids),
-        "val_slides": list(val_ds.slide_ids),
-        "wsikit_version": __version__,
-    }
-    state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    run = _start_fold(cfg, train_ds, val_ds, class_names, in_dim, provenance)
     last = fold_dir / "last.pt"
     if last.is_file():
-        ckpt = torch.load(last, map_location=device, weights_only=True)
-        if (
-            _fingerprint(ckpt.get("train_config", {})) != _fingerprint(meta["train_config"])
-            or ckpt.get("train_slides") != meta["train_slides"]
-        ):
-            raise TrainError(f"{last}: made with other options or slides; use a new --out or --overwrite")
-        model.load_state_dict(ckpt["state_dict"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(ckpt["scheduler"])
-        state = ckpt["state"]
-
-    for epoch in range(state["epoch"], cfg.epochs):
-        if state["bad_epochs"] >= cfg.patience and epoch >= cfg.min_epochs:
+        run.resume(last)
+    for epoch in range(run.state["epoch"], cfg.epochs):
+        if run.state["bad_epochs"] >= cfg.patience and epoch >= cfg.min_epochs:
             break
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
-        train_ds.set_epoch(epoch)
-        loader = DataLoader(
-            train_ds,
-            batch_size=1,
-            sampler=_epoch_order(y_train, cfg, epoch),
-            num_workers=cfg.num_workers,
-            collate_fn=first_item,
-        )
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        total, steps = 0.0, 0
-        for step, item in enumerate(loader):
-            label = torch.tensor([item["label"]], device=device)
-            out = model(item["features"].to(device), label=item["label"], coords=item["coords"])
-            loss = bag_weight * F.cross_entropy(out.logits[None].float(), label, weight=weight)
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss
-            (loss / cfg.accumulate).backward()
-            if (step + 1) % cfg.accumulate == 0 or step + 1 == len(y_train):
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            total += float(loss.detach())
-            steps += 1
-        val_logits = predict_logits(model, val_ds, device, cfg.num_workers)
-        val_loss = float(
-            F.cross_entropy(
-                torch.from_numpy(val_logits),
-                torch.from_numpy(y_val),
-                weight=None if weight is None else weight.cpu(),
-            )
-        )
-        val_auroc = auroc_metric(y_val, torch.softmax(torch.from_numpy(val_logits), 1).numpy())
-        value = val_loss if cfg.monitor == "loss" else val_auroc
-        best = state["best"]
-        if not math.isfinite(value):  # e.g. AUROC of a one-class validation fold: fall back to the loss
-            value = val_loss if cfg.monitor == "loss" else -val_loss
-        if best is None:
-            improved = True
-        else:
-            improved = value < best - 1e-6 if cfg.monitor == "loss" else value > best + 1e-6
-        if improved:
-            state.update(best=value, best_epoch=epoch, bad_epochs=0)
-            _save(
-                fold_dir / "best.pt",
-                {**meta, "state_dict": model.state_dict(), "epoch": epoch, "monitor": value},
-            )
-        else:
-            state["bad_epochs"] += 1
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            sched.step(value if math.isfinite(value) else val_loss)
-        elif sched is not None:
-            sched.step()
-        record = {
-            "epoch": epoch,
-            "train_loss": total / max(steps, 1),
-            "val_loss": val_loss,
-            "val_auroc": val_auroc,
-            "lr": opt.param_groups[0]["lr"],
-            "improved": improved,
-        }
-        state["history"].append(record)
-        state["epoch"] = epoch + 1
-        _save(
-            last,
-            {
-                **meta,
-                "state_dict": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else {},
-                "state": jsonable(state),
-            },
-        )
+        train_loss = run.train_epoch(train_ds, y_train, epoch)
+        val_loss, val_auroc, value = run.validate(val_ds, y_val)
+        improved = run.step(epoch, value, fold_dir)
+        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auroc": val_auroc,
+                  "lr": run.opt.param_groups[0]["lr"], "improved": improved}  # fmt: skip
+        run.state["history"].append(record)
+        run.state["epoch"] = epoch + 1
+        run.save_last(last)
         if on_epoch is not None:
             on_epoch(record)
-
-    return _finish_fold(fold_dir, cfg, val_ds, y_val, class_names, state, device)
+    return _finish_fold(fold_dir, cfg, val_ds, y_val, class_names, run.state, run.device)
 
 
 def _finish_fold(
@@ -309,7 +321,7 @@ def _finish_fold(
             threshold = 0.5
             warnings.append("validation fold has one class only: threshold 0.5")
     ckpt.update(temperature=temperature, threshold=threshold, threshold_method=cfg.threshold)
-    _save(best_path, ckpt)
+    save_checkpoint(best_path, ckpt)
     result = {
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],
@@ -322,261 +334,3 @@ def _finish_fold(
     }
     write_json(fold_dir / "result.json", jsonable(result))
     return result
-
-
-# -- k-fold runs ---------------------------------------------------------------------------------------
-def make_folds(
-    cfg: TrainConfig,
-    table: LabelsTable,
-    run_dir: Path,
-    splits_file: str | os.PathLike | None = None,
-    test_ids: Sequence[str] | None = None,
-) -> list[Fold]:
-    """Folds for the run: the run's own ``splits.csv`` when resuming, else a given file, else new ones."""
-    own = run_dir / "splits.csv"
-    if own.is_file():
-        folds = load_splits(own, table.slide_ids)
-    elif splits_file is not None:
-        folds = load_splits(splits_file, table.slide_ids)
-    else:
-        test_idx = None
-        if test_ids is not None:
-            index = {s: i for i, s in enumerate(table.slide_ids)}
-            unknown = [s for s in test_ids if s not in index]
-            if unknown:
-                raise TrainError(f"{len(unknown)} test slide(s) have no bag or label (e.g. {unknown[0]})")
-            test_idx = [index[s] for s in test_ids]
-        folds = patient_kfold(table.labels, table.patients, cfg.folds, cfg.seed, cfg.test_fraction, test_idx)
-    assert_no_leak(table.patients, folds)
-    save_splits(folds, table.slide_ids, own, table.patients, table.labels)
-    return folds
-
-
-def run_cv(
-    cfg: TrainConfig,
-    table: LabelsTable,
-    bag_paths: Sequence[Path],
-    in_dim: int,
-    run_dir: str | os.PathLike,
-    provenance: dict[str, Any] | None = None,
-    splits_file: str | os.PathLike | None = None,
-    test_ids: Sequence[str] | None = None,
-    only_folds: Sequence[int] | None = None,
-    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Train and evaluate every fold (or ``only_folds``: one job per fold on a cluster, then a final call
-    without it gathers the report); finished folds are skipped, interrupted ones resume."""
-    cfg.check()
-    check_training_data(table, bag_paths)  # every unusable bag named before any fold starts
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "train": asdict(cfg),
-        "class_names": table.class_names,
-        "labels": str(table.path),
-        "provenance": provenance or {},
-    }
-    config_path = run_dir / "config.json"
-    if config_path.is_file():
-        import json
-
-        old = json.loads(config_path.read_text())
-        same = _fingerprint(old.get("train", {})) == _fingerprint(jsonable(asdict(cfg)))
-        if not same or old.get("class_names") != table.class_names:
-            raise TrainError(
-                f"{run_dir}: holds a run with other options or classes; use a new --out or --overwrite"
-            )
-    write_json(config_path, jsonable(config))
-    folds = make_folds(cfg, table, run_dir, splits_file, test_ids)
-    y = table.y
-    names = table.class_names
-    ids = np.asarray(table.slide_ids, dtype=object)
-
-    def dataset(idx: np.ndarray, train: bool = False) -> BagDataset:
-        return BagDataset(
-            [bag_paths[i] for i in idx], y[idx], ids[idx].tolist(), cfg.max_tiles if train else None, cfg.seed
-        )
-
-    todo = range(len(folds)) if only_folds is None else only_folds
-    for k in todo:
-        fold_dir = run_dir / f"fold_{k}"
-        if (fold_dir / "report.json").is_file():  # written last: the fold is trained and evaluated
-            continue
-        fold = folds[k]
-        if not (fold_dir / "result.json").is_file():  # else killed after training, before its report
-            train_fold(
-                cfg,
-                dataset(fold.train, train=True),
-                dataset(fold.val),
-                names,
-                in_dim,
-                fold_dir,
-                provenance,
-                on_epoch=(lambda rec, k=k: on_epoch(k, rec)) if on_epoch else None,
-            )
-        _evaluate_fold(cfg, fold_dir, fold, dataset, y, ids, table)
-    done = [k for k in range(len(folds)) if (run_dir / f"fold_{k}" / "report.json").is_file()]
-    if len(done) < len(folds):
-        return {"complete": False, "folds_done": done, "n_folds": len(folds)}
-    return _run_report(cfg, run_dir, folds, dataset, y, ids, table)
-
-
-def _fold_probs(fold_dir: Path, ds: BagDataset, cfg: TrainConfig) -> tuple[np.ndarray, float | None]:
-    fm = load_checkpoint(fold_dir, resolve_device(cfg.device))
-    return fm.probs(predict_logits(fm.model, ds, resolve_device(cfg.device), cfg.num_workers)), fm.threshold
-
-
-def _evaluate_fold(cfg, fold_dir, fold, dataset, y, ids, table) -> None:
-    names = table.class_names
-    report = {}
-    for split in ("val", "test"):
-        idx = getattr(fold, split)
-        if idx.size == 0:
-            continue
-        probs, thr = _fold_probs(fold_dir, dataset(idx), cfg)
-        write_predictions_csv(
-            fold_dir / f"predictions_{split}.csv",
-            ids[idx].tolist(),
-            probs,
-            names,
-            thr,
-            [table.labels[i] for i in idx],
-            {"patient_id": [table.patients[i] for i in idx]},
-        )
-        report[split] = score_predictions(
-            y[idx], probs, names, thr, cfg.bootstrap if split == "test" else 0, cfg.seed
-        )
-        if split == "test" or fold.test.size == 0:
-            plot_roc_pr_reliability(y[idx], probs, names, fold_dir)
-    from wsikit.metrics import markdown_report
-
-    write_markdown(
-        fold_dir / "report.md", markdown_report(jsonable(report)).split("\n", 2)[2], title=f"{fold_dir.name}"
-    )
-    write_json(fold_dir / "report.json", jsonable(report))  # last: the fold is done
-
-
-def _run_report(cfg, run_dir: Path, folds: list[Fold], dataset, y, ids, table) -> dict[str, Any]:
-    import json
-
-    names = table.class_names
-    fold_dirs = [run_dir / f"fold_{k}" for k in range(len(folds))]
-    fold_reports = [json.loads((d / "report.json").read_text()) for d in fold_dirs]
-    fold_results = [json.loads((d / "result.json").read_text()) for d in fold_dirs]
-    keys = headline_keys(len(names))
-    pick = lambda s: {k: v for k, v in s.items() if k in keys}  # noqa: E731
-    report: dict[str, Any] = {
-        "model": cfg.model,
-        "n_slides": len(ids),
-        "n_patients": len(set(table.patients)),
-        "class_counts": {c: int((y == i).sum()) for i, c in enumerate(names)},
-        "folds": len(folds),
-        "val_mean_std": pick(summarize_folds([r["val"] for r in fold_reports])),
-        "per_fold": [
-            {
-                "fold": k,
-                "best_epoch": res["best_epoch"],
-                "temperature": res["temperature"],
-                "threshold": res["threshold"],
-                **{f"val_{m}": rep["val"].get(m) for m in keys},
-                **{f"test_{m}": rep.get("test", {}).get(m) for m in keys},
-            }
-            for k, (res, rep) in enumerate(zip(fold_results, fold_reports, strict=True))
-        ],
-    }
-    oof_idx = np.concatenate([f.val for f in folds])
-    oof = [_fold_probs(d, dataset(f.val), cfg)[0] for d, f in zip(fold_dirs, folds, strict=True)]
-    write_predictions_csv(
-        run_dir / "predictions_oof.csv",
-        ids[oof_idx].tolist(),
-        np.concatenate(oof),
-        names,
-        None,
-        [table.labels[i] for i in oof_idx],
-        {"fold": [k for k, f in enumerate(folds) for _ in f.val]},
-    )
-    test = folds[0].test
-    if test.size:
-        report["test_mean_std"] = pick(summarize_folds([r["test"] for r in fold_reports]))
-        per_fold = [_fold_probs(d, dataset(test), cfg) for d in fold_dirs]
-        probs = np.mean([p for p, _ in per_fold], axis=0)
-        thresholds = [t for _, t in per_fold if t is not None]
-        thr = float(np.median(thresholds)) if thresholds else None
-        report["test_ensemble"] = score_predictions(y[test], probs, names, thr, cfg.bootstrap, cfg.seed)
-        write_predictions_csv(
-            run_dir / "predictions_test.csv",
-            ids[test].tolist(),
-            probs,
-            names,
-            thr,
-            [table.labels[i] for i in test],
-            {"patient_id": [table.patients[i] for i in test]},
-        )
-        plot_roc_pr_reliability(y[test], probs, names, run_dir)
-    write_json(run_dir / "report.json", jsonable(report))
-    write_markdown(
-        run_dir / "report.md",
-        run_markdown(jsonable(report), names),
-        title=f"{cfg.model} on {len(ids)} slides",
-    )
-    report["complete"] = True
-    return report
-
-
-def run_markdown(report: dict[str, Any], names: Sequence[str]) -> str:
-    from wsikit.metrics import fmt_value, markdown_report
-
-    keys = headline_keys(len(names))
-    lines = [
-        f"{report['n_slides']} slides of {report['n_patients']} patients ({', '.join(f'{c}: {n}' for c, n in report['class_counts'].items())}), "
-        f"{report['folds']}-fold patient-level cross-validation.",
-        "",
-        "| metric | validation (mean ± std over folds) | "
-        + (
-            "test (mean ± std over fold models) | test ensemble [95% CI] |"
-            if "test_ensemble" in report
-            else ""
-        ),
-        "|---|---|" + ("---|---|" if "test_ensemble" in report else ""),
-    ]
-    for k in keys:
-        row = f"| {k} | {fmt_value(report['val_mean_std'].get(k))} |"
-        if "test_ensemble" in report:
-            ens = report["test_ensemble"]
-            ci = ens.get(f"{'auroc' if k == 'auroc_macro' else k}_ci")
-            row += f" {fmt_value(report['test_mean_std'].get(k))} | {fmt_value(ens.get(k))}{' ' + fmt_value(ci) if ci else ''} |"
-        lines.append(row)
-    lines += [
-        "",
-        "## per fold",
-        "",
-        "| fold | best epoch | T | threshold | " + " | ".join(f"val {k}" for k in keys[:3]) + " |",
-    ]
-    lines.append("|---" * (4 + 3) + "|")
-    for f in report["per_fold"]:
-        lines.append(
-            f"| {f['fold']} | {f['best_epoch']} | {fmt_value(f['temperature'])} | {fmt_value(f['threshold'])} | "
-            + " | ".join(fmt_value(f[f"val_{k}"]) for k in keys[:3])
-            + " |"
-        )
-    if "test_ensemble" in report:
-        lines += ["", "## held-out test, ensemble of the fold models", ""]
-        lines.append(markdown_report(report["test_ensemble"]).split("\n", 2)[2])
-    return "\n".join(lines) + "\n"
-
-
-RUN_FILES = ("config.json", "splits.csv", "report.json", "report.md", "roc.png", "pr.png", "reliability.png")
-
-
-def clear_run(run_dir: str | os.PathLike) -> None:
-    """Delete what :func:`run_cv` writes in ``run_dir`` (and nothing else) before a fresh run."""
-    import shutil
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return
-    for p in run_dir.iterdir():
-        if p.is_dir() and p.name.startswith("fold_") and p.name[5:].isdigit():
-            shutil.rmtree(p)
-        elif p.name in RUN_FILES or (p.name.startswith("predictions_") and p.suffix == ".csv"):
-            p.unlink()

@@ -4,7 +4,6 @@ from wsikit.stain.augment import HEDJitter
 from wsikit.stain.base import (
     Normalizer,
     StainError,
-    cosine_per_stain,
     fit_normalizer,
     from_dict,
     list_methods,
@@ -13,6 +12,7 @@ from wsikit.stain.base import (
 )
 from wsikit.stain.macenko import MacenkoNormalizer
 from wsikit.stain.reinhard import ReinhardNormalizer
+from wsikit.stain.stats import cosine_per_stain
 from wsikit.stain.vahadane import VahadaneNormalizer
 
 __all__ = [

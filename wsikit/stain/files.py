@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsikit.jobs import atomic_path
+from wsikit.io import atomic_path
 from wsikit.stain.base import Normalizer, StainError, load_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")

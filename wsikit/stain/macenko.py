@@ -19,21 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsikit.stain import cpu
+import wsikit.stain.cpu as cpu
 from wsikit.stain.base import (
     Normalizer,
     Params,
     StainError,
     chunk_size,
-    luminosity_mask,
-    masked_quantile,
-    masked_quantiles,
-    order_he,
     quantize,
     register,
     tile_chunks,
     write_output,
 )
+from wsikit.stain.stats import luminosity_mask, masked_quantile, masked_quantiles, order_he
 
 
 @dataclass(frozen=True)

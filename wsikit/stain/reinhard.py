@@ -14,16 +14,8 @@ from typing import Any
 
 import torch
 
-from wsikit.stain.base import (
-    Normalizer,
-    Params,
-    StainError,
-    _linear_rgb,
-    lookup,
-    quantize,
-    register,
-    tile_chunks,
-)
+from wsikit.stain.base import Normalizer, Params, StainError, lookup, quantize, register, tile_chunks
+from wsikit.stain.stats import _linear_rgb
 
 _RGB2XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
 _WHITE = (0.950456, 1.0, 1.088754)  # D65

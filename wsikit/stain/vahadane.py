@@ -30,15 +30,13 @@ from wsikit.stain.base import (
     Params,
     StainError,
     lookup,
-    luminosity_mask,
-    masked_quantile,
-    order_he,
     quantize,
     register,
     tile_chunks,
     write_output,
 )
 from wsikit.stain.macenko import stain_vectors
+from wsikit.stain.stats import luminosity_mask, masked_quantile, order_he
 
 RUIFROK_HE = ((0.650, 0.704, 0.286), (0.072, 0.990, 0.105))  # fallback start: Ruifrok & Johnston 2001
 

@@ -20,12 +20,11 @@ from dataclasses import asdict
 
 import numpy as np
 
+from wsikit.settings import MaskError, MaskParams
 from wsikit.slide import Slide
 from wsikit.tissue.base import (
     INK_COLOURS,
     STRIP_PIXELS,
-    MaskError,
-    MaskParams,
     MaskResult,
     TissueMask,
     by_strips,
@@ -36,7 +35,7 @@ from wsikit.tissue.geojson import EXCLUDE_CLASSES, mask_from_geojson, mask_to_ge
 from wsikit.tissue.ink import find_ink, ink_colours_seen
 from wsikit.tissue.od import od_mask
 from wsikit.tissue.otsu import otsu_mask, pen_mask
-from wsikit.tissue.qc import qc_image, write_png
+from wsikit.tissue.qc import qc_image
 
 __all__ = [
     "EXCLUDE_CLASSES",
@@ -61,7 +60,6 @@ __all__ = [
     "qc_image",
     "working_mpp",
     "write_geojson",
-    "write_png",
 ]
 
 
@@ -69,8 +67,8 @@ def _otsu(rgb: np.ndarray, mpp: float, params: MaskParams) -> MaskResult:
     return MaskResult(*otsu_mask(rgb, mpp, params))
 
 
-#: Mask methods: name → function(rgb, mpp, params) -> MaskResult. Add new methods here (and to
-#: ``base.METHODS``).
+#: Mask methods: name → function(rgb, mpp, params) -> MaskResult. Add new methods here (and their
+#: names to :data:`wsikit.settings.MASK_METHODS`, what configs may ask for).
 MASK_METHODS: dict[str, Callable[[np.ndarray, float, MaskParams], MaskResult]] = {
     "od": od_mask,
     "otsu": _otsu,

@@ -16,7 +16,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from wsikit.tissue.base import INK_COLOURS, MaskError, TissueMask
+from wsikit.io import write_text
+from wsikit.settings import MaskError
+from wsikit.tissue.base import INK_COLOURS, TissueMask
 
 #: Classification names (lower case) of GeoJSON annotations that are cut out of the mask, not added.
 EXCLUDE_CLASSES = (
@@ -94,12 +96,7 @@ def mask_to_geojson(mask: TissueMask, classification: str = "Tissue") -> dict[st
 
 def write_geojson(path: str | os.PathLike, mask: TissueMask) -> Path:
     """Write :func:`mask_to_geojson` atomically."""
-    from wsikit.jobs import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(mask_to_geojson(mask)))
-    return path
+    return write_text(path, json.dumps(mask_to_geojson(mask)))
 
 
 def _polygons(obj: dict[str, Any]) -> list[tuple[list, str]]:

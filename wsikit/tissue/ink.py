@@ -31,7 +31,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from wsikit.tissue.base import INK_COLOURS, OD_SCALE, MaskParams, od_lut, remove_small
+from wsikit.settings import MaskParams
+from wsikit.tissue.base import INK_COLOURS, OD_SCALE, od_lut, remove_small
 
 INK_MPP = 8.0  # ink is judged at this resolution or coarser
 INK_MAX_PIXELS = 1 << 19  # ... and on at most about this many pixels

@@ -20,10 +20,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from wsikit.settings import MaskError, MaskParams
 from wsikit.tissue.base import (
     OD_SCALE,
-    MaskError,
-    MaskParams,
     MaskResult,
     disk_dilate,
     disk_erode,

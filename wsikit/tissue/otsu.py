@@ -19,9 +19,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from wsikit.settings import MaskError, MaskParams
 from wsikit.tissue.base import (
-    MaskError,
-    MaskParams,
     by_strips,
     fill_holes,
     otsu_threshold,

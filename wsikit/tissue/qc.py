@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-from wsikit.slide import resize
-from wsikit.tissue.base import INK_COLOURS, MaskError, TissueMask
+from wsikit.tiles import resize
+from wsikit.tissue.base import INK_COLOURS, TissueMask
 
 TISSUE = (0, 170, 0)
 HOLE = (255, 140, 0)  # orange: blue is an ink colour
@@ -78,16 +76,3 @@ def qc_image(
         for i, contour in enumerate(contours):
             cv2.drawContours(img, [contour], -1, TISSUE if hierarchy[0][i][3] == -1 else HOLE, thick)
     return img
-
-
-def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
-    """Write an RGB picture as PNG atomically."""
-    from wsikit.jobs import atomic_path
-
-    path = Path(path)
-    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise MaskError(f"{path}: PNG encoding failed")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data.tobytes())
-    return path
