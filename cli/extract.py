@@ -55,10 +55,18 @@ def extract(
         None, "--config", help="YAML config whose 'extract' section sets defaults; options given here win."
     ),
     encoder: str = typer.Option(
-        "resnet50-trunc", "--encoder", "-e", help="A registry name (see `wsikit encoders`) or timm:<model>."
+        "resnet50-trunc",
+        "--encoder",
+        "-e",
+        help="A registered encoder (`wsikit encoders` lists them) or timm:<model>.",
     ),
     weights: Path | None = typer.Option(
-        None, "--weights", help="Local checkpoint (.pth/.safetensors) for the encoder's architecture."
+        None,
+        "--weights",
+        help="Local checkpoint (.safetensors/.bin/.pth) or downloaded repository folder for the encoder.",
+    ),
+    embedding: str | None = typer.Option(
+        None, "--embedding", help="cls | cls+mean | mean | pooled (default: the encoder's own rule)."
     ),
     random_weights: bool = typer.Option(
         False,
@@ -124,6 +132,7 @@ def extract(
         options["pretrained"] = (("random_weights",), not random_weights)
         options["specs"] = (("spec",), [parse_spec(t).name for t in spec])
         options["compile"] = (("compile_model",), compile_model)
+        options["embedding"] = (("embedding",), embedding)
         cfg = build_settings(
             ExtractConfig, layered_settings(ctx, config, "extract", options), config, "extract"
         )

@@ -13,7 +13,21 @@ from pathlib import Path
 import typer
 
 from wsikit import __version__
-from wsikit.cli import bags, batch, detect, extract, heatmap, patches, run, stain, tile, train, view
+from wsikit.cli import (
+    bags,
+    batch,
+    detect,
+    embed,
+    encoders,
+    extract,
+    heatmap,
+    patches,
+    run,
+    stain,
+    tile,
+    train,
+    view,
+)
 from wsikit.cli.common import console, fail, out, slide_mpp_from
 
 app = typer.Typer(
@@ -120,6 +134,7 @@ app.command()(info)
 app.command("tile")(tile.tile)
 app.add_typer(stain.app, name="stain")
 app.command("extract")(extract.extract)
+app.command("embed")(embed.embed)
 app.command("train")(train.train)
 app.command("evaluate")(train.evaluate)
 app.command("heatmap")(heatmap.heatmap)
@@ -128,6 +143,7 @@ app.command("run")(run.run)
 app.command("slurm")(run.slurm)
 app.command()(batch.status)
 app.add_typer(run.config_app, name="config")
+app.add_typer(encoders.app, name="encoders")
 app.add_typer(bags.app, name="bags")
 app.add_typer(patches.app, name="patches")
 app.add_typer(detect.app, name="detect")

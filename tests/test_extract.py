@@ -11,7 +11,7 @@ import pytest
 import tifffile
 
 from wsikit.bags import bag_path, read_bag
-from wsikit.encoders import get_encoder
+from wsikit.encoders.build import get_encoder
 from wsikit.grids import grid_path, read_grid, write_grid
 from wsikit.jobs import SlideEntry, read_status, resolve_slides
 from wsikit.settings import ExtractConfig, SettingsError, TileConfig

@@ -16,7 +16,8 @@ from torch import nn
 import wsikit.tiling as tiling
 import wsikit.tissue as tissue
 from wsikit.bags import Bag, BagWriter, bag_path, read_bag, write_bag
-from wsikit.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder
+from wsikit.encoders import IMAGENET_MEAN, IMAGENET_STD
+from wsikit.encoders.build import Encoder
 from wsikit.grids import grid_path, read_grid
 from wsikit.jobs import SlideEntry
 from wsikit.mil.data import BagDataset

@@ -110,11 +110,16 @@ def write_text(dest: str | os.PathLike, text: str) -> Path:
 
 
 def write_png(dest: str | os.PathLike, rgb: Any) -> Path:
-    """Write an (H, W, 3) or (H, W, 4) uint8 array as PNG, atomically."""
-    from PIL import Image  # deliberate: `wsikit status` and other light commands never draw
+    """Write an (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA uint8 array as PNG, atomically."""
+    import cv2  # deliberate: `wsikit status` and other light commands never draw
 
+    if rgb.ndim == 3:
+        rgb = cv2.cvtColor(rgb, cv2.COLOR_RGBA2BGRA if rgb.shape[2] == 4 else cv2.COLOR_RGB2BGR)
+    ok, data = cv2.imencode(".png", rgb)
+    if not ok:
+        raise OSError(f"{dest}: PNG encoding failed ({rgb.shape} {rgb.dtype})")
     with atomic_path(dest, suffix=".png") as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
+        tmp.write_bytes(data.tobytes())
     return Path(dest)
 
 

@@ -159,6 +159,7 @@ class ExtractConfig:
     """Settings of an extraction run; ``key()`` fingerprints what changes the bags."""
 
     encoder: str = "resnet50-trunc"
+    embedding: str | None = None  # None: the encoder's own rule (wsikit.encoders.pooling)
     weights: Path | None = None
     pretrained: bool = True  # False: random initialisation (timing and tests only; weights_id "random")
     specs: tuple[str, ...] = ()  # spec names; empty: every spec tiled in the job
@@ -202,6 +203,8 @@ class ExtractConfig:
             "stain": hashlib.sha1(self.stain.read_bytes()).hexdigest() if self.stain else None,
             "multiscale": self.multiscale,
         }
+        if self.embedding is not None:  # absent otherwise, so that earlier runs keep their fingerprint
+            settings["embedding"] = self.embedding
         return fingerprint(settings)
 
 

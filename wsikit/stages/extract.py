@@ -84,7 +84,7 @@ class Runtime:
         """This runtime with ``stain`` (a fitted normalizer, or None) estimated on the slide's own tiles."""
         if stain is None:
             return self
-        sample = _stain_sample(slide, grid, n_sample, self.encoder.input_size)
+        sample = _stain_sample(slide, grid, n_sample, self.encoder.read_size)
         slide_stain = stain.for_slide(sample.to(self.device)) if len(sample) else stain
         return Runtime(self.encoder, self.device, self.autocast, self.channels_last, slide_stain)
 
@@ -172,7 +172,7 @@ def extract_grid(
     """
     # tiles through wsikit.tiles (docs/readers.md): compressed file tiles where exact, read_region
     # elsewhere; on a GPU, workers ship whole JPEG tiles as bytes and nvJPEG decodes each batch
-    source = TileSource(slide, grid.coords, grid.size_level0, runtime.encoder.input_size, reader)
+    source = TileSource(slide, grid.coords, grid.size_level0, runtime.encoder.read_size, reader)
     loader = _loader(source, runtime, batch_size, workers, read_timeout)
     times = seconds if seconds is not None else {}
     for key in ("read_wait", "model", "write"):
@@ -193,7 +193,7 @@ def extract_grid(
 
     for batch, index, errors in _batches(loader, slide.path, read_timeout, times):
         t = time.perf_counter()
-        pixels = assemble_batch(batch, runtime.encoder.input_size, runtime.device)
+        pixels = assemble_batch(batch, runtime.encoder.read_size, runtime.device)
         times["read_wait"] += time.perf_counter() - t
         ok, idx = np.array([not e for e in errors]), index.numpy()
         t = time.perf_counter()
@@ -247,9 +247,11 @@ def _bag_attrs(
         encoder=enc["name"],
         encoder_arch=enc["arch"],
         encoder_dim=enc["dim"],
+        encoder_embedding=enc["embedding"],
         weights_id=enc["weights_id"],
         encoder_expected_mpp=enc["expected_mpp"],
-        preprocessing={**enc["preprocessing"], "read": "best pyramid level, one area resample to input_size"},
+        encoder_input_mpp=runtime.encoder.input_mpp(grid.effective_mpp or grid.spec.mpp, grid.spec.size),
+        preprocessing={**enc["preprocessing"], "read": "best pyramid level, one area resample to read size"},
         stain=stain,
         tile_spec=grid.spec.name,
         tile_mpp=grid.spec.mpp,
@@ -368,6 +370,11 @@ def extract_one(
             paths[grid.spec.name] = dest
             outputs.append(str(dest))
             warnings += _record(info, grid, skipped, parts, seconds)
+            tile_mpp = grid.effective_mpp or grid.spec.mpp
+            if (
+                off := runtime.encoder.resolution_warning(tile_mpp, grid.spec.size, grid.spec.name)
+            ) is not None:
+                warnings.append(off)
         if cfg.multiscale and len(grids) > 1:
             joined = _join_multiscale(job, grids, paths, runtime.encoder.name, entry.slide_id, cfg.fmt)
             if joined is not None:
@@ -437,7 +444,7 @@ class Extractor:
         tune_malloc()
         set_threads()
         device = resolve_device(cfg.device)
-        enc = encoder or get_encoder(cfg.encoder, cfg.weights, cfg.pretrained, device)
+        enc = encoder or get_encoder(cfg.encoder, cfg.weights, cfg.pretrained, device, cfg.embedding)
         enc.model.to(device)
         prepare_model(enc, cfg.channels_last, cfg.compile)
         autocast = resolve_precision(cfg.precision, device, enc.precision)
