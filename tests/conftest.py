@@ -13,7 +13,9 @@ from wsikit.slide import SAMPLE_SLIDE, open_slide
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(  # beside the checkout; WSIKIT_SHARED_DATA for checkouts elsewhere (git worktrees)
+    os.environ.get("WSIKIT_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
 
 
 @pytest.fixture(scope="session")

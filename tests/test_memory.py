@@ -129,7 +129,7 @@ def test_mask_in_strips_equals_mask_at_once(monkeypatch, sample_slide):
         rgb = slide.thumbnail(mpp=4.0)
     params = tissue.MaskParams(mpp=4.0, channel="both")
     at_once = tissue.otsu_mask(rgb, 4.0, params)
-    monkeypatch.setattr(tissue, "STRIP_PIXELS", 1000)
+    monkeypatch.setattr(tissue.base, "STRIP_PIXELS", 1000)
     strips = tissue.otsu_mask(rgb, 4.0, params)
     assert at_once[0].any() and at_once[1] == strips[1]
     np.testing.assert_array_equal(at_once[0], strips[0])

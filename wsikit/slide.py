@@ -375,10 +375,14 @@ class Slide:
 
 
 def _to_rgb(arr: np.ndarray) -> np.ndarray:
-    """RGBA/RGB/grey → RGB uint8, compositing transparent pixels on white."""
+    """RGBA/RGB/grey (8 or 16 bit) → RGB uint8, compositing transparent pixels on white."""
     if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.dtype != np.uint8:
+        arr = arr[..., None]
+    if arr.shape[2] in (1, 2):  # grey, grey + alpha
+        arr = arr[..., [0, 0, 0, 1][: arr.shape[2] + 2]]
+    if arr.dtype == np.uint16:  # full 16-bit range onto 8 bits, as OpenSlide does
+        arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    elif arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
     if arr.shape[2] == 4:
         alpha = arr[..., 3:4].astype(np.uint32)

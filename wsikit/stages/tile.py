@@ -30,7 +30,7 @@ from wsikit.slide import Slide, open_slide
 from wsikit.specs import TileSpec, TilingError, same_mpp
 from wsikit.tiles import TileSource
 from wsikit.tiling import align_specs_to_native, tile_slide
-from wsikit.tissue import TissueMask, compute_mask, mask_from_geojson, qc_image, write_geojson
+from wsikit.tissue import TissueMask, compute_mask, mask_from_geojson, qc_image, working_mpp, write_geojson
 
 STAGE = "tile"
 
@@ -128,11 +128,11 @@ def _specs_for(slide: Slide, cfg: TileConfig) -> tuple[list[TileSpec], list[str]
     return specs, warnings
 
 
-def _mask_for(slide: Slide, cfg: TileConfig, thumb: np.ndarray) -> tuple[TissueMask, str]:
-    """The slide's mask: the user's GeoJSON (``cfg.geojson_dir``) when there is one, else computed."""
+def _mask_for(slide: Slide, cfg: TileConfig, thumb: np.ndarray, mpp: float) -> tuple[TissueMask, str]:
+    """The slide's mask at ``mpp``: the user's GeoJSON (``cfg.geojson_dir``) when there is one, else computed."""
     user = cfg.geojson_dir / f"{slide.slide_id}.geojson" if cfg.geojson_dir else None
     if user is not None and user.is_file():
-        return mask_from_geojson(user, slide.dimensions, slide.mpp0, cfg.mask.mpp), str(user)
+        return mask_from_geojson(user, slide.dimensions, slide.mpp0, mpp), str(user)
     return compute_mask(slide, cfg.mask, thumb), "computed"
 
 
@@ -189,7 +189,12 @@ def _info(
         },
         "tissue_fraction": round(mask.fraction, 5),
         "tissue_area_mm2": round(mask.area_um2 / 1e6, 4),
+        "ink_fraction": round(mask.ink_fraction, 5),
+        "ink_area_mm2": round(mask.ink_area_um2 / 1e6, 4),
+        "ink_colours": mask.ink_colours,
         "mask_source": source,
+        "mask_method": mask.method,
+        "mask_mpp": round(mask.mpp, 4),
         "mask_threshold": mask.threshold,
         "slide_mpp": slide.mpp0,
         "dimensions": list(slide.dimensions),
@@ -203,14 +208,16 @@ def tile_one(entry: SlideEntry, job_dir: str | os.PathLike, cfg: TileConfig) -> 
     clock = _Clock()
     with open_slide(entry.path, backend=cfg.backend, mpp=entry.mpp, slide_id=entry.slide_id) as slide:  # type: ignore[arg-type]
         specs, warnings = _specs_for(slide, cfg)
-        thumb = slide.thumbnail(mpp=cfg.mask.mpp)
+        mask_mpp = working_mpp(slide, cfg.mask)  # finer than cfg.mask.mpp on small slides
+        thumb = slide.thumbnail(mpp=mask_mpp)
         clock.lap("thumbnail")
-        mask, source = _mask_for(slide, cfg, thumb)
+        mask, source = _mask_for(slide, cfg, thumb, mask_mpp)
         clock.lap("mask")
         if mask.empty:
             warnings.append(
-                f"EMPTY MASK: no tissue found ({source}, {cfg.mask.method} at {cfg.mask.mpp:g} µm/px); "
-                "check the QC picture, try --mask-channel both or supply an edited GeoJSON (--masks DIR)"
+                f"EMPTY MASK: no tissue found ({source}, {cfg.mask.method} at {mask.mpp:.3g} µm/px); "
+                "check the QC picture (excluded ink is hatched), try --no-pen or --mask-method otsu, "
+                "or supply an edited GeoJSON (--masks DIR)"
             )
         grids = tile_slide(slide, specs, mask, cfg.min_tissue, cfg.align, cfg.complete_parents)
         for grid in grids:
