@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from wsikit.bags import bag_path, read_bag
+from wsikit.bags import bag_path, read_bag, require_positions
 from wsikit.jobs import SlideEntry
 from wsikit.settings import pipeline_config
 from wsikit.slide import SAMPLE_SLIDE, open_slide, slide_facts
@@ -53,6 +53,7 @@ def feature_map(
     from wsikit.stages.heatmap import rasterize, size_level0_of
 
     bag = read_bag(bag_file)
+    require_positions(bag, str(bag_file), "a feature map")
     with open_slide(slide_path) as slide:
         thumb = slide.thumbnail(max_side=max_side)
         w0, h0 = slide.dimensions

@@ -301,7 +301,7 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_mo
 def _unavailable(name: str, repo: str, why: str) -> EncoderError:
     return EncoderError(
         f"{name}: weights {repo} are not in the Hugging Face cache and {why}; pass --weights "
-        "<checkpoint.pth|.safetensors>, or download them once where there is internet "
+        "<checkpoint.pth|.safetensors> (in a config: extract.weights), or download them once where there is internet "
         f"(`huggingface-cli download {repo}`; gated models need `huggingface-cli login`) and copy the "
         "cache (HF_HOME) here; set HF_HUB_OFFLINE=1 on offline nodes"
     )

@@ -11,12 +11,14 @@ import errno
 import logging
 import math
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from wsikit.dicom import DicomError, series_volume
 from wsikit.io import first_line
 from wsikit.specs import MPP_TOLERANCE, mpp_to_mag, same_mpp
 from wsikit.tiles import LevelChoice, choose_level, read_area, resize
@@ -151,9 +153,15 @@ class Slide:
 
     # -- opening ---------------------------------------------------------------------------------------
     def _open(self) -> None:
+        if self.path.is_dir():  # a DICOM-WSI series: OpenSlide opens it through one of its files
+            try:
+                self.path = series_volume(self.path)
+            except DicomError as exc:
+                raise SlideError(str(exc)) from exc
         path = self.path
         try:
-            size = path.stat().st_size
+            st = path.stat()
+            size = st.st_size
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise SlideError(f"{path}: symbolic link loop; point the link at the slide file") from exc
@@ -162,8 +170,11 @@ class Slide:
                     f"{path}: broken symbolic link to {os.readlink(path)}; point it at the slide file"
                 ) from exc
             raise SlideError(f"{path}: no such file ({exc.strerror}); check the path") from exc
-        if path.is_dir():
-            raise SlideError(f"{path}: is a directory, not a slide file; give the slide file inside it")
+        if not stat.S_ISREG(st.st_mode):
+            kind = (
+                "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device"
+            )
+            raise SlideError(f"{path}: not a regular file (a {kind}); give the slide file")
         if not os.access(path, os.R_OK):
             raise SlideError(f"{path}: not readable (permission denied); fix the file's permissions")
         if size == 0:
@@ -398,8 +409,13 @@ def _open_openslide(path: Path):
 def _open_tiffslide(path: Path):
     import tiffslide
 
-    handle = tiffslide.TiffSlide(str(path))
-    handle.dimensions  # noqa: B018 - forces the first page to be parsed so broken files fail here
+    log, records = logging.getLogger("tifffile"), _Records()
+    log.addHandler(records)  # tifffile logs a broken file to stderr before failing: its error is reported
+    try:
+        handle = tiffslide.TiffSlide(str(path))
+        handle.dimensions  # noqa: B018 - forces the first page to be parsed so broken files fail here
+    finally:
+        log.removeHandler(records)
     return handle
 
 

@@ -21,6 +21,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from wsikit.claims import claim_settings
+from wsikit.config import fingerprint
 from wsikit.grids import TileGrid, grid_path, list_specs, write_grid
 from wsikit.io import atomic_path, clear_stale_temps, write_png
 from wsikit.jobs import BatchSummary, SlideEntry, StageResult, Status, run_batch
@@ -254,19 +256,26 @@ def run_tiling(
 ) -> BatchSummary:
     """Tile every slide with :func:`jobs.run_batch` semantics (resume, locks, failure records).
 
-    A slide already done with other settings (specs, threshold, mask settings…), or whose user
-    GeoJSON changed since, is redone.
+    The job holds one set of tile settings (:func:`wsikit.claims.claim_settings`): a run with other
+    settings is refused unless ``overwrite``. A slide done with other settings, or whose user GeoJSON
+    changed since, is redone; so is a failed slide given another MPP override (``entry.mpp``).
     """
     key = cfg.key()
+    claim_settings(job_dir, STAGE, key, cfg.settings(), overwrite)
 
     def outdated(previous: Status) -> bool:
         return previous.info.get("settings") != key or previous.info.get(
             "user_mask_sha1"
         ) != _user_mask_digest(cfg, previous.slide_id)
 
+    def inputs(entry: SlideEntry) -> str:  # a failed slide given the MPP its error asked for is retried
+        return fingerprint(
+            {"settings": key, "slide_mpp": entry.mpp, "mask": _user_mask_digest(cfg, entry.slide_id)}
+        )
+
     summary = run_batch(
         STAGE, entries, lambda e: tile_one(e, job_dir, cfg), job_dir, overwrite, retry_failed, on_start, on_end,
-        outdated,
+        outdated, inputs,
     )  # fmt: skip
     if cfg.save_tiles:
         for name in list_specs(job_dir):  # with --align-native a slide's spec names may differ
