@@ -29,6 +29,9 @@ Backend = Literal["auto", "openslide", "tiffslide"]
 MPP_PLAUSIBLE = (0.05, 20.0)
 #: Longest plausible slide side in pixels (about 1 m at 0.25 µm/px); a header claiming more is damaged.
 MAX_SIDE_PX = 2**22
+#: Fewest file bytes per level-0 pixel of a scan over 1 Gpx: JPEG tissue takes ~0.5 B/px, so even a slide of
+#: 1% tissue holds ~5e-3; a header claiming far more pixels than its bytes can hold is damaged or synthetic.
+MIN_BYTES_PER_PX = 1e-4
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _TIFF_CHAIN_ERRORS = ("invalid page offset", "corrupted tag list", "invalid offset to page")
 _UNIT_TO_UM = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "millimeter": 1e3, "mm": 1e3, "micrometer": 1.0}
@@ -114,6 +117,11 @@ def _tiff_damage(path: Path, size: int) -> str | None:
                 needed = math.prod(int(c) for c in page.chunked)
                 if offsets.size < needed:
                     return f"page {i} claims {w}x{h} px but holds {offsets.size} of its {needed} tiles; the header is damaged"
+                if i == 0 and w * h > 2**30 and size / (w * h) < MIN_BYTES_PER_PX:
+                    return (
+                        f"claims {w}x{h} px ({w * h / 1e9:.1f} Gpx) in {size / 1e3:.0f} KB ({size / (w * h):.1g} "
+                        "bytes/px, far below any scan); the header is damaged or the image is synthetic"
+                    )
                 end = int((offsets.astype(np.int64) + counts).max(initial=0))
                 if end > size:
                     return (
