@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from wsikit.bags import Bag, BagError, export_bag, export_bags, read_bag, write_bag
+from wsikit.bags import Bag, BagError, export_bag, export_bags, read_bag, read_bag_shape, write_bag
 from wsikit.cli.main import app
 
 RNG = np.random.default_rng(19)
@@ -274,6 +274,18 @@ def test_slideflow_magnification_tile_um_names_the_file(tmp_path):  # FAIL today
         read_bag(path, slide_mpp=0.5)
 
 
+def test_slideflow_magnification_bags_round_trip_without_an_mpp(tmp_path):  # slideflow's own values kept
+    centres, _ = slideflow_centres(1500, 1500, 128, 0.5)
+    bag = read_bag(write_slideflow(tmp_path / "in", centres, 256, "20x"))
+    export_bag(bag, "slideflow", tmp_path / "out", slide_id="S1")
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "S1.index.npz")["arr_0"], centres)
+    cfg = json.loads((tmp_path / "out" / "bags_config.json").read_text())
+    assert (cfg["tile_um"], cfg["tile_px"]) == ("20x", 256)
+    assert cfg["extractor"]["class"] == "slideflow.model.extractors.retccl.RetCCLFeatures"
+    with pytest.raises(BagError, match="top-left"):  # other layouts need top-left pixels: an MPP
+        export_bag(bag, "clam", tmp_path / "clam", slide_id="S1")
+
+
 def test_slideflow_round_trip(tmp_path):  # FAIL today: export needs patch_size_level0
     centres, _ = slideflow_centres(633 * 5, 633 * 8, 128, 0.202)
     bag = read_bag(write_slideflow(tmp_path / "in", centres, 256, 128), slide_mpp=0.202)
@@ -304,6 +316,24 @@ def test_export_refuses_duplicate_slide_ids(tmp_path):  # FAIL today: second ove
     assert res.exit_code != 0
     assert "features" in res.output and "slideA" in res.output and "slideB" in res.output
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.h5"))
+    res = CliRunner().invoke(app, [*res_args(tmp_path), "--id-from", "parent"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "out" / "h5_files").iterdir()) == ["slideA.h5", "slideB.h5"]
+
+
+def res_args(tmp_path: Path) -> list[str]:
+    bags = [str(tmp_path / n / "features.h5") for n in ("slideA", "slideB")]
+    return ["bags", "export", *bags, "--to", "clam", "--out", str(tmp_path / "out")]
+
+
+def test_heatmap_refuses_a_bag_without_positions(tmp_path):
+    from wsikit.stages.heatmap import HeatmapError, model_tile_scores
+
+    path = tmp_path / "slideA.h5"
+    with h5py.File(path, "w") as f:
+        f["features"] = FEATS[:5]
+    with pytest.raises(HeatmapError, match=r"slideA\.h5.*no tile coordinates"):
+        model_tile_scores(tmp_path / "no-model", path)
 
 
 # -- #5 TRIDENT .pt / slide-level files, float32 for CLAM ------------------------------------------------
@@ -313,6 +343,11 @@ def test_trident_pt_pickled_numpy_array(tmp_path):  # FAIL today: UnpicklingErro
     bag = read_bag(path)
     np.testing.assert_array_equal(bag.features, FEATS)
     assert bag.attrs["coords_unit"] == "none"
+
+
+def test_trident_pt_shape_without_loading(tmp_path):  # read_bag_shape / MIL's lazy reads take it too
+    torch.save(FEATS, tmp_path / "S1.pt")
+    assert read_bag_shape(tmp_path / "S1.pt") == FEATS.shape
 
 
 def test_pt_with_other_pickled_objects_is_still_refused(tmp_path):  # PASS today (safety guard)

@@ -100,6 +100,8 @@ def _plan(bag: Bag, layout: str, sid: str, out: Path) -> dict[str, Any]:
     ``sid`` (the slide id, or the bag's file)."""
     if layout == "stamp" and bag.attrs.get("coords_unit") == "um":  # STAMP's own unit: no MPP needed
         return _stamp_plan(bag, sid)
+    if layout == "slideflow" and bag.attrs.get("coords_origin") == "center":  # slideflow's own centres
+        return _slideflow_plan(bag, sid, out)
     require_positions(bag, sid, f"{layout} export")
     if layout == "stamp":
         return _stamp_plan(bag, sid)
@@ -239,7 +241,14 @@ def slideflow_tile_um(size0: int, mpp: float) -> int | None:
 
 
 def _slideflow_plan(bag: Bag, sid: str, out: Path) -> dict[str, Any]:
-    """slideflow's integer ``tile_um`` and ``tile_px`` reproducing the bag's tiles; refused when none does."""
+    """slideflow's integer ``tile_um`` and ``tile_px`` reproducing the bag's tiles; refused when none does.
+    A slideflow bag read without an MPP (tile centres) keeps its centres, ``tile_um`` and ``tile_px``."""
+    if bag.attrs.get("coords_origin") == "center":
+        if bag.attrs.get("source_format") != "slideflow" or not bag.attrs.get("tile_um") or not _tile_px(bag):
+            raise BagError(f"{sid}: tile centres without slideflow's tile_um/tile_px; pass --slide-mpp")
+        return _folder_check(
+            {"tile_um": bag.attrs["tile_um"], "tile_px": _tile_px(bag), "size0": None}, sid, out
+        )
     size0, mpp, tile_px = _size_level0(bag), bag.attrs.get("slide_mpp"), _tile_px(bag)
     if size0 is None or not mpp or tile_px is None:
         missing = "slide_mpp (pass --slide-mpp)" if not mpp else "the tile size (patch_size_level0, tile_px)"
@@ -252,22 +261,30 @@ def _slideflow_plan(bag: Bag, sid: str, out: Path) -> dict[str, Any]:
             f"gives {size0}-px tiles ({', '.join(f'{t} → {int(t / mpp)}' for t in near)} px); re-tile with a "
             "tile size slideflow can make, or export to another layout"
         )
+    return _folder_check({"tile_um": tile_um, "tile_px": tile_px, "size0": size0}, sid, out)
+
+
+def _folder_check(plan: dict[str, Any], sid: str, out: Path) -> dict[str, Any]:
+    """``plan``, unless ``out`` already holds slideflow bags of another tile size (one per folder)."""
     old = _folder_config(out)
-    if old and (old.get("tile_um"), old.get("tile_px")) != (tile_um, tile_px):
+    if old and (old.get("tile_um"), old.get("tile_px")) != (plan["tile_um"], plan["tile_px"]):
         raise BagError(
             f"{out / 'bags_config.json'}: holds bags of tile_um {old.get('tile_um')} / tile_px "
-            f"{old.get('tile_px')}; {sid} needs {tile_um} / {tile_px} (slideflow keeps one per folder): "
-            "export to another folder"
+            f"{old.get('tile_px')}; {sid} needs {plan['tile_um']} / {plan['tile_px']} (slideflow keeps one per "
+            "folder): export to another folder"
         )
-    return {"tile_um": tile_um, "tile_px": tile_px, "size0": size0}
+    return plan
 
 
 def _slideflow(bag: Bag, out: Path, sid: str) -> list[Path]:
     plan = _slideflow_plan(bag, sid, out)
     written = [_save_pt(out / f"{sid}.pt", _features32(bag))]
     index = out / f"{sid}.index.npz"
-    with atomic_path(index) as tmp, open(tmp, "wb") as fh:  # centre = top-left + int(full_extract_px / 2)
-        np.savez(fh, arr_0=np.asarray(bag.coords, np.int64) + int(plan["size0"] / 2))
+    centres = np.asarray(
+        bag.coords, np.int64
+    )  # slideflow's own centres, or top-left + int(full_extract_px / 2)
+    with atomic_path(index) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, arr_0=centres if plan["size0"] is None else centres + int(plan["size0"] / 2))
     written.append(index)
     if bag.attrs.get("source_format") == "slideflow":  # a slideflow bag keeps its extractor and normalizer
         extractor, normalizer = bag.attrs.get("extractor"), bag.attrs.get("normalizer")
