@@ -134,6 +134,11 @@ def test_series_instances_in_a_folder_group_into_one_slide(
     write_dicom_series(mixed, sample_rgb[1024:1536, :512], prefix="B_")
     entries = resolve_slides([mixed])
     assert len(entries) == 2, [e.slide_id for e in entries]
+    assert all(e.path.name.endswith("level0.dcm") for e in entries)  # each series opened by its largest level
+    assert [e.slide_id for e in resolve_slides([str(mixed / "*.dcm")])] == [e.slide_id for e in entries]
+    assert [e.slide_id for e in resolve_slides([tmp_path])] == [
+        e.slide_id for e in entries
+    ]  # a folder of series
 
 
 # -- #10 patches evaluate --------------------------------------------------------------------------------

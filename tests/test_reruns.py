@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from wsikit.bags import bag_path, read_bag
 from wsikit.cli.main import app
 from wsikit.encoders import get_encoder
-from wsikit.grids import read_grid, tiled_specs
+from wsikit.grids import read_grid
 from wsikit.jobs import JobError, SlideEntry, read_status, resolve_slides, slide_lock
 from wsikit.settings import ExtractConfig, TileConfig
 from wsikit.specs import TileSpec
@@ -118,6 +118,8 @@ def test_two_concurrent_runs_with_other_settings(tmp_path, small_slides):  # FAI
 
 # -- #9 --------------------------------------------------------------------------------------------------
 def test_retiled_spec_is_not_extracted_silently(tmp_path, small_slides):  # FAIL before: old spec encoded
+    from wsikit.grids import tiled_specs
+
     entries = resolve_slides(small_slides[:1])
     job = tmp_path / "job"
     run_tiling(entries, job, TileConfig((TileSpec(0.5, 256),)))

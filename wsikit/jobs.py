@@ -55,6 +55,11 @@ def _is_slide(path: Path) -> bool:
     return suffix in SLIDE_EXTENSIONS and suffix != DICOM_SUFFIX and not path.name.startswith(".")
 
 
+def _other_file(path: Path) -> bool:
+    """A glob's match that is no folder and no DICOM instance (those are grouped by series)."""
+    return path.suffix.lower() != DICOM_SUFFIX and not path.is_dir()
+
+
 def _read_slide_table(table: Path) -> list[SlideEntry]:
     rows = read_table(table, "slide list", JobError)
     if not rows or "path" not in rows[0]:
@@ -102,7 +107,7 @@ def resolve_slides(
         elif any(ch in str(item) for ch in "*?["):
             matches = [Path(m) for m in sorted(glob.glob(str(p), recursive=recursive))]
             entries.extend(SlideEntry(f, i) for f, i in dicom_slides(p.parent, matches, recursive))
-            entries.extend(SlideEntry(m, m.stem) for m in matches if _is_slide(m) or not m.is_dir())
+            entries.extend(SlideEntry(m, m.stem) for m in matches if _is_slide(m) or _other_file(m))
         else:
             entries.append(SlideEntry(p, p.stem))  # missing files fail per slide, with a status record
     seen: dict[str, Path] = {}
@@ -336,9 +341,8 @@ class BatchSummary:
     failed: list[Status] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already done (resume) or failed without --retry-failed
     busy: list[str] = field(default_factory=list)  # locked by another live process
-    why_skipped: dict[str, str] = field(
-        default_factory=dict
-    )  # slide id → "done earlier" / "failed earlier: …"
+    # slide id → why it was skipped: "done earlier", "failed earlier with the same inputs: …"
+    why_skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -388,16 +392,10 @@ def run_batch(
         previous = read_status(job_dir, stage, entry.slide_id)
         key = inputs(entry) if inputs is not None else None
         changed = previous is not None and key is not None and previous.info.get("inputs", key) != key
-        redo = (
-            overwrite
-            or changed
-            or (
-                previous is not None
-                and previous.state == "done"
-                and outdated is not None
-                and outdated(previous)
-            )
+        stale = (
+            previous is not None and previous.state == "done" and outdated is not None and outdated(previous)
         )
+        redo = overwrite or changed or stale
         reason = _skip_reason(previous, redo, retry_failed)
         status = None
         if reason is not None:
