@@ -1,9 +1,12 @@
-"""Issue 19 #1-#5 and the per-peer round trips (draft: written against the FIXED code; most fail at 5af2021).
+"""Issue 19 #1-#5 and the per-peer round trips: the peers' files written exactly as their own writers
+write them (dataset names, dtypes, attributes, units), read with ``read_bag``, exported back and compared.
 
-Peer files are written exactly as the peers' own writers write them (dataset names, dtypes, attributes,
-units); the source of every layout is in notes/interop/peers.md (commit and file:line per peer). The
-helpers below only set datasets/attributes — no peer code is copied. Expected today (5af2021):
-FAIL = test fails now, PASS = regression guard that already passes.
+Layouts from the peers' code (facts only, no code copied): CLAM mahmoodlab/CLAM@53e2409
+(extract_features_fp.py, utils/file_utils.py), TRIDENT mahmoodlab/TRIDENT@a91fa84 (IO.py save_h5 /
+coords_to_h5, wsi_objects/WSI.py), STAMP KatherLab/STAMP@c54ce06 (preprocessing/__init__.py,
+modeling/data.py get_coords), slideflow slideflow/slideflow@7f5a40b (model/features.py to_torch,
+slide/wsi.py), tiatoolbox TissueImageAnalytics/tiatoolbox@6fc8a2e (models/engine/engine_abc.py).
+Comments say which tests found a defect before the fix (FAIL before) and which guard what worked.
 """
 
 from __future__ import annotations
@@ -153,7 +156,7 @@ def native_bag(tmp_path: Path, dtype="float32", size0=256, mpp=0.499) -> Path:
 
 
 # -- #1 features without coordinates --------------------------------------------------------------------
-def test_features_without_coords_are_marked_unknown(tmp_path):  # FAIL today: coords (0, 0), 'clam'
+def test_features_without_coords_are_marked_unknown(tmp_path):  # FAIL before: coords (0, 0), 'clam'
     path = tmp_path / "slideA.h5"
     with h5py.File(path, "w") as f:
         f["features"] = FEATS[:5]
@@ -165,7 +168,7 @@ def test_features_without_coords_are_marked_unknown(tmp_path):  # FAIL today: co
 
 
 @pytest.mark.parametrize("layout", ["clam", "trident", "stamp", "slideflow"])
-def test_export_refuses_unknown_coordinates(tmp_path, layout):  # FAIL today for clam/trident (zeros written)
+def test_export_refuses_unknown_coordinates(tmp_path, layout):  # FAIL before for clam/trident (zeros written)
     path = tmp_path / "slideA.h5"
     with h5py.File(path, "w") as f:
         f["features"] = FEATS[:5]
@@ -191,7 +194,7 @@ def test_wsikit_tile_names_give_positions(tmp_path):  # a bonus, not a guess: on
     assert read_bag(path).attrs["coords_unit"] == "none"
 
 
-def test_tiatoolbox_patch_mode_boxes_are_unknown_positions(tmp_path):  # FAIL today: all (0, 0)
+def test_tiatoolbox_patch_mode_boxes_are_unknown_positions(tmp_path):  # FAIL before: all (0, 0)
     import zarr
 
     g = zarr.open_group(str(tmp_path / "t.zarr"), mode="w")
@@ -202,7 +205,7 @@ def test_tiatoolbox_patch_mode_boxes_are_unknown_positions(tmp_path):  # FAIL to
 
 
 # -- #2 STAMP export keeps the bag's own tile size and extractor -----------------------------------------
-def test_stamp_round_trip_keeps_tile_size_and_extractor(tmp_path):  # FAIL today: 0.0 / 0 / 'unknown'
+def test_stamp_round_trip_keeps_tile_size_and_extractor(tmp_path):  # FAIL before: 0.0 / 0 / 'unknown'
     src = write_stamp(tmp_path / "S1.h5")
     bag = read_bag(src, slide_mpp=0.5)
     bag.attrs["slide_mpp"] = 0.5
@@ -216,14 +219,14 @@ def test_stamp_round_trip_keeps_tile_size_and_extractor(tmp_path):  # FAIL today
         assert f["feats"].dtype == np.float16
 
 
-def test_stamp_to_stamp_needs_no_slide_mpp(tmp_path):  # FAIL today: "read the bag with slide_mpp="
+def test_stamp_to_stamp_needs_no_slide_mpp(tmp_path):  # FAIL before: "read the bag with slide_mpp="
     src = write_stamp(tmp_path / "S1.h5")
     (out,) = export_bag(read_bag(src), "stamp", tmp_path / "out", slide_id="S1")
     with h5py.File(out) as f:
         assert f.attrs["tile_size_um"] == pytest.approx(256.0)
 
 
-def test_stamp_export_refuses_unknown_tile_size(tmp_path):  # FAIL today: writes tile_size_um=0.0
+def test_stamp_export_refuses_unknown_tile_size(tmp_path):  # FAIL before: writes tile_size_um=0.0
     clam = write_clam(tmp_path / "clam")  # CLAM files carry no tile size at all
     bag = read_bag(clam)
     bag.attrs["slide_mpp"] = 0.5
@@ -233,7 +236,7 @@ def test_stamp_export_refuses_unknown_tile_size(tmp_path):  # FAIL today: writes
         export_bags([clam], "stamp", tmp_path / "out", slide_mpp=0.5)
 
 
-def test_native_bag_to_stamp(tmp_path):  # PASS today (regression guard)
+def test_native_bag_to_stamp(tmp_path):  # guard (passed before too)
     (out,) = export_bag(read_bag(native_bag(tmp_path)), "stamp", tmp_path / "out")
     with h5py.File(out) as f:
         assert f.attrs["tile_size_um"] == pytest.approx(256 * 0.499)
@@ -241,7 +244,7 @@ def test_native_bag_to_stamp(tmp_path):  # PASS today (regression guard)
 
 
 # -- #3 slideflow ----------------------------------------------------------------------------------------
-def test_slideflow_export_writes_an_int_tile_um_slideflow_reproduces(tmp_path):  # FAIL today: 127.744
+def test_slideflow_export_writes_an_int_tile_um_slideflow_reproduces(tmp_path):  # FAIL before: 127.744
     export_bag(read_bag(native_bag(tmp_path)), "slideflow", tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "bags_config.json").read_text())
     assert isinstance(cfg["tile_um"], int) and isinstance(cfg["tile_px"], int)
@@ -250,7 +253,7 @@ def test_slideflow_export_writes_an_int_tile_um_slideflow_reproduces(tmp_path): 
     np.testing.assert_array_equal(centres, GRID // 2 + int(256 / 2))
 
 
-def test_slideflow_export_refuses_a_tile_side_slideflow_cannot_make(tmp_path):  # FAIL today
+def test_slideflow_export_refuses_a_tile_side_slideflow_cannot_make(tmp_path):  # FAIL before
     # at 0.499 µm/px int(t / 0.499) is 254 for t=127 and 256 for t=128: no integer tile_um gives 255
     with pytest.raises(BagError, match=r"S1.*tile_um"):
         export_bag(read_bag(native_bag(tmp_path, size0=255)), "slideflow", tmp_path / "out")
@@ -259,14 +262,14 @@ def test_slideflow_export_refuses_a_tile_side_slideflow_cannot_make(tmp_path):  
 @pytest.mark.parametrize(("tile_um", "mpp"), [(128, 0.202), (302, 0.5), (256, 0.2527), (128, 0.217)])
 def test_slideflow_centres_to_top_left_use_slideflows_rule(
     tmp_path, tile_um, mpp
-):  # FAIL today for 0.202/0.217
+):  # FAIL before for 0.202/0.217
     centres, fe = slideflow_centres(4000, 4000, tile_um, mpp)
     bag = read_bag(write_slideflow(tmp_path / "bags", centres, 256, tile_um), slide_mpp=mpp)
     np.testing.assert_array_equal(bag.coords, centres - int(fe / 2))
     assert (bag.coords >= 0).all()
 
 
-def test_slideflow_magnification_tile_um_names_the_file(tmp_path):  # FAIL today: bare ValueError
+def test_slideflow_magnification_tile_um_names_the_file(tmp_path):  # FAIL before: bare ValueError
     centres, _ = slideflow_centres(1500, 1500, 128, 0.5)
     path = write_slideflow(tmp_path / "bags", centres, 256, "20x")
     assert read_bag(path).attrs["coords_origin"] == "center"  # no MPP: centres kept, as today
@@ -286,7 +289,7 @@ def test_slideflow_magnification_bags_round_trip_without_an_mpp(tmp_path):  # sl
         export_bag(bag, "clam", tmp_path / "clam", slide_id="S1")
 
 
-def test_slideflow_round_trip(tmp_path):  # FAIL today: export needs patch_size_level0
+def test_slideflow_round_trip(tmp_path):  # FAIL before: export needs patch_size_level0
     centres, _ = slideflow_centres(633 * 5, 633 * 8, 128, 0.202)
     bag = read_bag(write_slideflow(tmp_path / "in", centres, 256, 128), slide_mpp=0.202)
     export_bag(bag, "slideflow", tmp_path / "out", slide_id="S1")
@@ -295,7 +298,7 @@ def test_slideflow_round_trip(tmp_path):  # FAIL today: export needs patch_size_
 
 
 # -- #4 duplicate slide ids ------------------------------------------------------------------------------
-def test_export_refuses_duplicate_slide_ids(tmp_path):  # FAIL today: second overwrites the first
+def test_export_refuses_duplicate_slide_ids(tmp_path):  # FAIL before: second overwrites the first
     for name in ("slideA", "slideB"):
         (tmp_path / name).mkdir()
         with h5py.File(tmp_path / name / "features.h5", "w") as f:
@@ -337,7 +340,7 @@ def test_heatmap_refuses_a_bag_without_positions(tmp_path):
 
 
 # -- #5 TRIDENT .pt / slide-level files, float32 for CLAM ------------------------------------------------
-def test_trident_pt_pickled_numpy_array(tmp_path):  # FAIL today: UnpicklingError
+def test_trident_pt_pickled_numpy_array(tmp_path):  # FAIL before: UnpicklingError
     path = tmp_path / "S1.pt"
     torch.save(FEATS, path)  # WSI.py:1037: torch.save(<numpy array>)
     bag = read_bag(path)
@@ -350,14 +353,14 @@ def test_trident_pt_shape_without_loading(tmp_path):  # read_bag_shape / MIL's l
     assert read_bag_shape(tmp_path / "S1.pt") == FEATS.shape
 
 
-def test_pt_with_other_pickled_objects_is_still_refused(tmp_path):  # PASS today (safety guard)
+def test_pt_with_other_pickled_objects_is_still_refused(tmp_path):  # guard (passed before too)
     path = tmp_path / "evil.pt"
     torch.save({"features": FEATS, "f": Path("/x")}, path)  # a non-allow-listed global (pathlib)
     with pytest.raises(BagError, match=r"evil\.pt"):
         read_bag(path)
 
 
-def test_trident_slide_level_file_is_named(tmp_path):  # FAIL today: no path in the message
+def test_trident_slide_level_file_is_named(tmp_path):  # FAIL before: no path in the message
     path = tmp_path / "S1.h5"
     write_trident(path)
     with h5py.File(path, "r+") as f:
@@ -368,7 +371,7 @@ def test_trident_slide_level_file_is_named(tmp_path):  # FAIL today: no path in 
 
 
 @pytest.mark.parametrize("layout", ["clam", "trident", "slideflow"])
-def test_exports_to_float32_peers_are_float32(tmp_path, layout):  # PASS today (regression guard)
+def test_exports_to_float32_peers_are_float32(tmp_path, layout):  # guard (passed before too)
     written = export_bag(read_bag(native_bag(tmp_path, dtype="float16")), layout, tmp_path / "out")
     for p in written:
         if p.suffix == ".h5":
@@ -379,7 +382,7 @@ def test_exports_to_float32_peers_are_float32(tmp_path, layout):  # PASS today (
 
 
 # -- round trips (peer → wsikit → peer), compared as the peer's loader sees them -------------------------
-def test_clam_round_trip(tmp_path):  # PASS today
+def test_clam_round_trip(tmp_path):  # guard (passed before too)
     bag = read_bag(write_clam(tmp_path / "in"))
     export_bag(bag, "clam", tmp_path / "out", slide_id="S1")
     with h5py.File(tmp_path / "out" / "h5_files" / "S1.h5") as f:
@@ -388,7 +391,7 @@ def test_clam_round_trip(tmp_path):  # PASS today
     assert torch.equal(torch.load(tmp_path / "out" / "pt_files" / "S1.pt"), torch.from_numpy(FEATS))
 
 
-def test_trident_round_trip(tmp_path):  # PASS today
+def test_trident_round_trip(tmp_path):  # guard (passed before too)
     src = write_trident(tmp_path / "S1.h5")
     export_bag(read_bag(src), "trident", tmp_path / "out", slide_id="S1")
     with h5py.File(tmp_path / "out" / "S1.h5") as f:

@@ -89,7 +89,7 @@ def test_overwrite_replaces_the_jobs_settings(tmp_path, small_slides):  # guard:
 
 
 @pytest.mark.slow
-def test_two_concurrent_runs_with_other_settings(tmp_path, small_slides):  # FAIL today: both exit 0, mixed
+def test_two_concurrent_runs_with_other_settings(tmp_path, small_slides):  # FAIL before: both exit 0, mixed
     cmd = [
         sys.executable,
         "-m",
