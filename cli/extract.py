@@ -20,6 +20,7 @@ from wsikit.cli.common import (
     print_summary,
     say,
     share_of,
+    warn,
 )
 
 
@@ -46,6 +47,18 @@ def _progress(n_slides: int) -> Iterator[dict[str, Any]]:
             "on_end": lambda e, status: progress.advance(slides),
             "on_tiles": on_tiles,
         }
+
+
+def _warn_stale(job_dir: Path) -> None:
+    """Name the spec folders an earlier tiling left (not encoded: the job's tiling no longer makes them)."""
+    from wsikit.grids import tiled_specs
+
+    for name, ids in tiled_specs(job_dir)[1].items():
+        shown = ", ".join(ids[:3]) + (f", … ({len(ids)} in all)" if len(ids) > 3 else "")
+        warn(
+            f"{job_dir}/tiles/{name}: stale, left from an earlier tiling ({shown}); not encoded, as the job's "
+            "current tiling does not make it (delete the folder, or re-tile with that spec)"
+        )
 
 
 def extract(
@@ -141,6 +154,8 @@ def extract(
         extractor = Extractor.build(cfg)
     except (ExtractError, EncoderError, JobError, TilingError, SettingsError, DeviceError) as exc:
         raise fail(str(exc)) from exc
+    if not cfg.specs:
+        _warn_stale(job_dir)
     say(f"{extractor.describe()}: {len(mine)} slide(s) × {', '.join(specs)}")
     with _progress(len(mine)) as callbacks:
         try:

@@ -15,6 +15,7 @@ from wsikit.cli.common import (
     print_summary,
     say,
     select_slides,
+    warn,
     with_progress,
 )
 
@@ -136,7 +137,14 @@ def tile(
     mine = select_slides(slides, recursive, id_from, slide_mpp, shard)
     say(f"tiling {len(mine)} slide(s) into {out}: {', '.join(s.name for s in cfg.specs)}")
     summary = with_progress(
-        "tile", mine, run_tiling, job_dir=out, cfg=cfg, overwrite=overwrite, retry_failed=retry_failed
+        "tile",
+        mine,
+        run_tiling,
+        job_dir=out,
+        cfg=cfg,
+        overwrite=overwrite,
+        retry_failed=retry_failed,
+        on_note=warn,
     )
     print_summary(
         f"wsikit tile → {out}",

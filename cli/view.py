@@ -42,7 +42,8 @@ def view(
     """Open a job's slides in the browser: deep zoom, tissue masks, tile grids, scores, top/bottom tiles."""
     from wsikit.jobs import JobError, resolve_slides
     from wsikit.slide import SlideError
-    from wsikit.view.data import ViewError, ViewJob
+    from wsikit.view.base import ViewError
+    from wsikit.view.data import ViewJob
 
     try:
         entries = resolve_slides(slides) if slides else None

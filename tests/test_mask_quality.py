@@ -189,7 +189,7 @@ def test_tile_stage_records_and_draws_excluded_ink(tmp_path, shared_data):
     """A slide made from the real pen-marked thumbnail: ink in the status record, GeoJSON and QC PNG."""
     rgb = _rgb(shared_data / "thumbnails/diagnostic-slide-thumb-rgb.png")
     slide = write_pyramid(tmp_path / "pen.tif", np.repeat(np.repeat(rgb, 2, 0), 2, 1), 8.0, layout="generic")
-    status = tile_one(SlideEntry(slide, "pen"), tmp_path / "job", TileConfig((TileSpec(32.0, 64),)))
+    status = tile_one(SlideEntry(slide, "pen"), tmp_path / "job", TileConfig((TileSpec(16.0, 64),)))
     info = status.info
     assert info["ink_fraction"] > 0.1 and info["ink_area_mm2"] > 10
     assert {"green", "red", "black"} <= set(info["ink_colours"]) and info["mask_method"] == "od"

@@ -50,6 +50,23 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+def ensure_dir(
+    path: str | os.PathLike, option: str = "the folder", error: type[Exception] = InputError
+) -> Path:
+    """``path`` as a folder, created if needed and checked writable (a probe file); ``error`` naming it and
+    ``option`` (what to change) when it cannot be written (read-only, a file in the way, no permission)."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".write-probe.", dir=folder):
+            pass
+    except OSError as exc:
+        raise error(
+            f"{folder}: cannot write here ({exc.strerror or exc}); choose a writable {option}"
+        ) from exc
+    return folder
+
+
 def clear_stale_temps(dest: str | os.PathLike) -> None:
     """Remove the temporary files that :func:`atomic_path` calls for ``dest`` left behind (a killed
     writer's). Call only while holding the slide's lock, so that no live writer owns them."""

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from wsikit import __version__
-from wsikit.io import clear_stale_temps, one_line, read_table, write_json
+from wsikit.dicom import DICOM_SUFFIX, dicom_slides
+from wsikit.io import clear_stale_temps, ensure_dir, one_line, read_table, write_json
 
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm", ".qptiff",
@@ -50,7 +51,14 @@ class SlideEntry:
 
 
 def _is_slide(path: Path) -> bool:
-    return path.suffix.lower() in SLIDE_EXTENSIONS and not path.name.startswith(".")
+    """Named like a slide (DICOM instances excepted: a series of them is one slide, :func:`dicom_slides`)."""
+    suffix = path.suffix.lower()
+    return suffix in SLIDE_EXTENSIONS and suffix != DICOM_SUFFIX and not path.name.startswith(".")
+
+
+def _other_file(path: Path) -> bool:
+    """A glob's match that is no folder and no DICOM instance (those are grouped by series)."""
+    return path.suffix.lower() != DICOM_SUFFIX and not path.is_dir()
 
 
 def _read_slide_table(table: Path) -> list[SlideEntry]:
@@ -93,14 +101,14 @@ def resolve_slides(
         p = Path(item).expanduser()
         if p.suffix.lower() in (".csv", ".tsv") and p.is_file():
             entries.extend(_read_slide_table(p))
-        elif p.is_dir():
+        elif p.is_dir():  # every entry named like a slide is kept, so a broken one fails with its reason
             found = sorted(p.rglob("*") if recursive else p.iterdir())
-            entries.extend(
-                SlideEntry(f, _slide_id(f, p, id_from)) for f in found if f.is_file() and _is_slide(f)
-            )
+            entries.extend(SlideEntry(f, i) for f, i in dicom_slides(p, found, recursive))
+            entries.extend(SlideEntry(f, _slide_id(f, p, id_from)) for f in found if _is_slide(f))
         elif any(ch in str(item) for ch in "*?["):
             matches = [Path(m) for m in sorted(glob.glob(str(p), recursive=recursive))]
-            entries.extend(SlideEntry(m, m.stem) for m in matches if m.is_file())
+            entries.extend(SlideEntry(f, i) for f, i in dicom_slides(p.parent, matches, recursive))
+            entries.extend(SlideEntry(m, m.stem) for m in matches if _is_slide(m) or _other_file(m))
         else:
             entries.append(SlideEntry(p, p.stem))  # missing files fail per slide, with a status record
     seen: dict[str, Path] = {}
@@ -275,7 +283,7 @@ def slide_lock(
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            if _lock_is_stale(path, stale_after):
+            if lock_is_stale(path, stale_after):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 continue
@@ -292,7 +300,9 @@ def slide_lock(
     yield False
 
 
-def _lock_is_stale(path: Path, stale_after: float) -> bool:
+def lock_is_stale(path: Path, stale_after: float = STALE_LOCK_SECONDS) -> bool:
+    """A lock left by a dead process on this host, older than ``stale_after`` seconds, or unreadable and
+    older than a minute."""
     try:
         holder = json.loads(path.read_text())
         age = time.time() - float(holder["started"])
@@ -305,6 +315,11 @@ def _lock_is_stale(path: Path, stale_after: float) -> bool:
     if age > stale_after:
         return True
     return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1)))
+
+
+def ensure_job_dir(job_dir: str | os.PathLike) -> Path:
+    """``job_dir``, created if needed and checked writable; a :class:`JobError` naming it otherwise."""
+    return ensure_dir(job_dir, "--out", JobError)
 
 
 # -- the per-slide loop --------------------------------------------------------------------------------
@@ -325,6 +340,8 @@ class BatchSummary:
     failed: list[Status] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already done (resume) or failed without --retry-failed
     busy: list[str] = field(default_factory=list)  # locked by another live process
+    # slide id → why it was skipped: "done earlier", "failed earlier with the same inputs: …"
+    why_skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -334,6 +351,16 @@ class BatchSummary:
         """Add another run's records to these."""
         for name in ("done", "failed", "skipped", "busy"):
             getattr(self, name).extend(getattr(other, name))
+        self.why_skipped.update(other.why_skipped)
+
+
+def _skip_reason(previous: Status | None, redo: bool, retry_failed: bool) -> str | None:
+    """Why a slide with record ``previous`` is not worked on this time, or None when it is."""
+    if previous is None or redo or (previous.state == "failed" and retry_failed):
+        return None
+    if previous.state == "done":
+        return "done earlier"
+    return f"failed earlier with the same inputs: {previous.error}; --retry-failed to try again"
 
 
 def run_batch(
@@ -346,63 +373,91 @@ def run_batch(
     on_start: Callable[[SlideEntry], None] | None = None,
     on_end: Callable[[SlideEntry, Status | None], None] | None = None,
     outdated: Callable[[Status], bool] | None = None,
+    inputs: Callable[[SlideEntry], str] | None = None,
 ) -> BatchSummary:
     """Run ``work`` on each slide with locks, skip-done and per-slide failure records.
 
     A slide is skipped when its status says done (or failed, unless ``retry_failed``), unless
-    ``overwrite``, or unless ``outdated(record)`` says a done record's settings no longer match.
-    An exception in ``work`` becomes a ``failed`` record and the batch goes on; a status record that
-    cannot be written (disk full) stops the batch with a :class:`JobError`.
+    ``overwrite``, unless ``outdated(record)`` says a done record's settings no longer match, or unless
+    ``inputs(entry)`` (a fingerprint of what this run would feed the slide's work: an MPP override, the
+    grids it reads, …, kept in every record) differs from the record's, done or failed: a rerun with the
+    fix an error asked for does the slide again. An exception in ``work`` becomes a ``failed`` record and
+    the batch goes on; a job directory or status record that cannot be written (disk full, read-only)
+    stops the batch with a :class:`JobError`.
     """
+    ensure_job_dir(job_dir)
     summary = BatchSummary()
     for entry in entries:
         previous = read_status(job_dir, stage, entry.slide_id)
-        redo = overwrite or (
+        key = inputs(entry) if inputs is not None else None
+        changed = previous is not None and key is not None and previous.info.get("inputs", key) != key
+        stale = (
             previous is not None and previous.state == "done" and outdated is not None and outdated(previous)
         )
-        if previous and not redo and (previous.state == "done" or not retry_failed):
+        redo = overwrite or changed or stale
+        reason = _skip_reason(previous, redo, retry_failed)
+        status = None
+        if reason is not None:
             summary.skipped.append(entry.slide_id)
-            if on_end:
-                on_end(entry, None)
-            continue
-        with slide_lock(job_dir, stage, entry.slide_id) as held:
-            if not held:
-                summary.busy.append(entry.slide_id)
-                if on_end:
-                    on_end(entry, None)
-                continue
-            # another process may have finished the slide between our check and the lock
-            again = read_status(job_dir, stage, entry.slide_id)
-            if again and not redo and again.finished_at != getattr(previous, "finished_at", None):
-                summary.skipped.append(entry.slide_id)
-                if on_end:
-                    on_end(entry, None)
-                continue
-            clear_stale_temps(status_path(job_dir, stage, entry.slide_id))
-            if on_start:
-                on_start(entry)
-            t0 = time.perf_counter()
-            try:
-                result = work(entry)
-            except Exception as exc:
-                status = Status(stage, entry.slide_id, "failed", error=one_line(exc))
-                status.info["traceback"] = traceback.format_exc(limit=6)
-                summary.failed.append(status)
-            else:
-                status = Status(stage, entry.slide_id, "done", result.outputs, result.info, result.warnings)
-                summary.done.append(status)
-            status.seconds = round(time.perf_counter() - t0, 3)
-            try:
-                write_status(job_dir, status)
-            except OSError as exc:  # disk full or quota: stop here, everything recorded so far stays valid
-                raise JobError(
-                    f"{status_path(job_dir, stage, entry.slide_id)}: cannot write the status record "
-                    f"({exc.strerror or exc}); free disk space and rerun (recorded slides are kept, this one "
-                    "is redone)"
-                ) from exc
+            summary.why_skipped[entry.slide_id] = reason
+        else:
+            status = _run_one(stage, entry, work, job_dir, (previous, redo, key), summary, on_start)
         if on_end:
             on_end(entry, status)
     return summary
+
+
+def _run_one(
+    stage: str,
+    entry: SlideEntry,
+    work: Callable[[SlideEntry], StageResult],
+    job_dir: str | os.PathLike,
+    before: tuple[Status | None, bool, str | None],
+    summary: BatchSummary,
+    on_start: Callable[[SlideEntry], None] | None,
+) -> Status | None:
+    """One slide under its lock (``before``: its record, whether to redo it, this run's inputs): its new
+    status, recorded before the lock is released; None when busy, or done by another process meanwhile."""
+    previous, redo, key = before
+    with slide_lock(job_dir, stage, entry.slide_id) as held:
+        if not held:
+            summary.busy.append(entry.slide_id)
+            return None
+        # another process may have finished the slide between our check and the lock
+        again = read_status(job_dir, stage, entry.slide_id)
+        if again and not redo and again.finished_at != getattr(previous, "finished_at", None):
+            summary.skipped.append(entry.slide_id)
+            summary.why_skipped[entry.slide_id] = f"{again.state} by another process meanwhile"
+            return None
+        clear_stale_temps(status_path(job_dir, stage, entry.slide_id))
+        if on_start:
+            on_start(entry)
+        t0 = time.perf_counter()
+        try:
+            result = work(entry)
+        except Exception as exc:
+            status = Status(stage, entry.slide_id, "failed", error=one_line(exc))
+            status.info["traceback"] = traceback.format_exc(limit=6)
+            summary.failed.append(status)
+        else:
+            status = Status(stage, entry.slide_id, "done", result.outputs, result.info, result.warnings)
+            summary.done.append(status)
+        status.seconds = round(time.perf_counter() - t0, 3)
+        if key is not None:
+            status.info["inputs"] = key
+        _record(job_dir, status)
+        return status
+
+
+def _record(job_dir: str | os.PathLike, status: Status) -> None:
+    """Write a slide's status record; a record that cannot be written stops the batch."""
+    try:
+        write_status(job_dir, status)
+    except OSError as exc:  # disk full or quota: stop here, everything recorded so far stays valid
+        raise JobError(
+            f"{status_path(job_dir, status.stage, status.slide_id)}: cannot write the status record "
+            f"({exc.strerror or exc}); free disk space and rerun (recorded slides are kept, this one is redone)"
+        ) from exc
 
 
 # -- job overview --------------------------------------------------------------------------------------
@@ -431,7 +486,7 @@ def job_status(job_dir: str | os.PathLike, slide_ids: Sequence[str] | None = Non
             {
                 p.stem
                 for p in (job / "locks" / stage).glob("*.lock")
-                if not _lock_is_stale(p, STALE_LOCK_SECONDS)
+                if not lock_is_stale(p, STALE_LOCK_SECONDS)
             }
             if (job / "locks" / stage).is_dir()
             else set()

@@ -108,7 +108,14 @@ def tile_specs(
     ``1.0/256/0`` (size and overlap defaulting to the first spec's)."""
     if mpp is not None and mag is not None:
         raise SettingsError("give --mpp or --mag, not both")
-    first = TileSpec.from_mag(mag, size, overlap) if mag else TileSpec(mpp or 0.5, size, overlap)
+    option, value = ("--mag", mag) if mag is not None else ("--mpp", mpp)
+    try:
+        if mag is not None:
+            first = TileSpec.from_mag(mag, size, overlap)
+        else:  # 0 is refused, never replaced by the default
+            first = TileSpec(0.5 if mpp is None else mpp, size, overlap)
+    except TilingError as exc:
+        raise SettingsError(f"{option} {value:g}: {str(exc).removeprefix('tile spec: ')}") from exc
     return [first, *(parse_spec(text, size, overlap) for text in more)]
 
 
@@ -140,6 +147,10 @@ class TileConfig:
 
     def key(self) -> str:
         """Fingerprint of what changes the outputs (a resumed run redoes slides done with other settings)."""
+        return fingerprint(self.settings())
+
+    def settings(self) -> dict[str, Any]:
+        """What changes the outputs, as plain data (what :meth:`key` fingerprints)."""
         settings = {
             "specs": [s.name for s in self.specs],
             "min_tissue": self.min_tissue,
@@ -151,7 +162,7 @@ class TileConfig:
         }
         if self.align_native:  # only when set, so earlier jobs keep their fingerprint
             settings["align_native"] = True
-        return fingerprint(settings)
+        return settings
 
 
 @dataclass(frozen=True)
@@ -193,6 +204,10 @@ class ExtractConfig:
 
     def key(self, weights_id: str, specs: Sequence[str]) -> str:
         """Fingerprint of what changes the bags (a resumed run redoes slides done with other settings)."""
+        return fingerprint(self.settings(weights_id, specs))
+
+    def settings(self, weights_id: str, specs: Sequence[str]) -> dict[str, Any]:
+        """What changes the bags, as plain data (what :meth:`key` fingerprints)."""
         settings = {
             "encoder": self.encoder,
             "weights_id": weights_id,
@@ -205,7 +220,7 @@ class ExtractConfig:
         }
         if self.embedding is not None:  # absent otherwise, so that earlier runs keep their fingerprint
             settings["embedding"] = self.embedding
-        return fingerprint(settings)
+        return settings
 
 
 @dataclass(frozen=True)

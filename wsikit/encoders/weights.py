@@ -153,7 +153,7 @@ def unavailable(spec: EncoderSpec, repo: str, why: str) -> EncoderError:
     )
     return EncoderError(
         f"{spec.name}: weights {repo} are not in the Hugging Face cache and {why}; pass --weights "
-        f"<checkpoint or downloaded folder>, or on a login node with internet: {gated}"
+        f"<checkpoint or downloaded folder> (in a config: extract.weights), or on a login node with internet: {gated}"
         f"`huggingface-cli download {repo}{files}{rev}{kind}` and copy the cache (HF_HOME) to the "
         "cluster; set HF_HUB_OFFLINE=1 on compute nodes"
     )

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsikit.encoders import get_encoder
+from wsikit.encoders.build import get_encoder
 from wsikit.images.coco import CocoDataset, CocoSet, DetectError, coco_map, collate
 from wsikit.io import atomic_path, jsonable, write_json
 from wsikit.runtime import read_config_checkpoint, save_checkpoint

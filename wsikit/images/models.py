@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsikit.encoders import get_encoder
+from wsikit.encoders.build import get_encoder
 from wsikit.images.settings import ModelConfig
 from wsikit.runtime import read_config_checkpoint, save_checkpoint
 

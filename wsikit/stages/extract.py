@@ -29,8 +29,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from wsikit.bags import BagWriter, bag_path, join_context, new_attrs, read_bag, write_bag
-from wsikit.encoders import Encoder, get_encoder
-from wsikit.grids import TileGrid, grid_path, list_specs, read_grid
+from wsikit.claims import claim_extraction
+from wsikit.encoders.build import Encoder, get_encoder
+from wsikit.grids import TileGrid, grid_inputs, grid_path, list_specs, read_grid, tiled_specs
 from wsikit.io import clear_stale_temps
 from wsikit.jobs import BatchSummary, JobError, SlideEntry, StageResult, Status, read_status, run_batch
 from wsikit.runtime import default_workers, resolve_device, resolve_precision, set_threads, tune_malloc
@@ -395,8 +396,9 @@ def job_slides(job_dir: str | os.PathLike, specs: Sequence[str]) -> list[SlideEn
         {p.stem for p in (job / "tiles" / s).glob("*.h5") if not p.name.startswith(".")} for s in specs
     ]
     ids = set.intersection(*per_spec) if per_spec else set()
-    if (job / "status" / "tile").is_dir():
-        ids = {i for i in ids if (st := read_status(job, "tile", i)) is not None and st.state == "done"}
+    if (job / "status" / "tile").is_dir():  # tiled, and at these specs by its current tiling
+        ids = {i for i in ids if (st := read_status(job, "tile", i)) is not None and st.state == "done"
+               and set(specs) <= set(st.info.get("specs", specs))}  # fmt: skip
     entries = []
     for slide_id in sorted(ids):
         path = grid_path(job, specs[0], slide_id)
@@ -411,8 +413,8 @@ def resolve_specs(job_dir: str | os.PathLike, names: Sequence[str]) -> list[str]
         raise ExtractError(
             f"{job_dir}: no tiles/ folder with coordinates; run `wsikit tile --out {job_dir}` first"
         )
-    if not names:
-        return available
+    if not names:  # stale folders of an earlier tiling are named by the CLI (wsikit.grids.tiled_specs)
+        return tiled_specs(job_dir)[0] or available
     missing = [n for n in names if n not in available]
     if missing:
         raise ExtractError(
@@ -472,8 +474,9 @@ class Extractor:
         on_tiles: Callable[[int], None] | None = None,
     ) -> BatchSummary:
         """Extract every slide with run_batch semantics; a slide done with other settings is redone."""
-        stage = stage_name(self.runtime.encoder.name)
-        key = self.cfg.key(self.runtime.encoder.weights_id, specs)
+        stage, weights_id = stage_name(self.runtime.encoder.name), self.runtime.encoder.weights_id
+        key = self.cfg.key(weights_id, specs)
+        claim_extraction(job_dir, stage, self.cfg, weights_id, specs, overwrite)  # one set per spec
         return run_batch(
             stage,
             entries,
@@ -486,6 +489,7 @@ class Extractor:
             on_start,
             on_end,
             outdated=lambda previous: previous.info.get("settings") != key,
+            inputs=lambda e: grid_inputs(job_dir, specs, e.slide_id),  # a re-tiled slide is re-extracted
         )
 
 

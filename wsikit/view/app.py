@@ -35,7 +35,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wsikit.slide import SlideError
-from wsikit.view.data import ViewError, ViewJob
+from wsikit.view.base import ViewError
+from wsikit.view.data import ViewJob
 from wsikit.view.export import static_files
 
 COOKIE = "wsikit_view_token"

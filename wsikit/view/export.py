@@ -25,7 +25,8 @@ from typing import Any
 
 from wsikit.runtime import allotted_cpus
 from wsikit.slide import SlideError
-from wsikit.view.data import ViewError, ViewJob
+from wsikit.view.base import ViewError
+from wsikit.view.data import ViewJob
 
 
 def static_files() -> dict[str, tuple[bytes, str]]:
