@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.wsikit-installed
 
-.PHONY: demo test test-slow lint bench install clean
+.PHONY: demo demo-full test test-slow lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/wsikit demo --out demo_out
+
+demo-full: $(STAMP)
+	$(VENV)/bin/wsikit demo --out demo_out --full
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

@@ -129,7 +129,8 @@ def tiny_encoder():
     """A random two-layer CNN at 32 px with ``FEATURE_DIM`` outputs, wrapped as a wsikit Encoder."""
     from torch import nn
 
-    from wsikit.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder
+    from wsikit.encoders import IMAGENET_MEAN, IMAGENET_STD
+    from wsikit.encoders.build import Encoder
 
     model = nn.Sequential(
         nn.Conv2d(3, 32, 3, stride=2),

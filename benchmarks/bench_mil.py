@@ -46,7 +46,7 @@ def digit_features(cache_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
     """(1797, 1280) EfficientNet-Lite0 features of the digits, their labels, the weights id (cached)."""
     from sklearn.datasets import load_digits
 
-    from wsikit.encoders import get_encoder
+    from wsikit.encoders.build import get_encoder
 
     digits = load_digits()
     enc = get_encoder("efficientnet-lite0")

@@ -193,7 +193,7 @@ def pure_forward(encoder, runtime, batch: int, iters: int) -> float:
 def make_runtime(name: str, device: str):
     import torch
 
-    from wsikit.encoders import get_encoder
+    from wsikit.encoders.build import get_encoder
     from wsikit.runtime import cpu_has_bf16, tune_malloc
     from wsikit.stages.encode import Runtime, prepare_model
 
@@ -284,7 +284,7 @@ def extraction(cache: Path, n: int, workers: int | None) -> None:
 
     import torch
 
-    from wsikit.encoders import get_encoder
+    from wsikit.encoders.build import get_encoder
     from wsikit.jobs import SlideEntry
     from wsikit.settings import ExtractConfig, TileConfig
     from wsikit.specs import TileSpec

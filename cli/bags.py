@@ -59,8 +59,15 @@ def export(
     layout: str = typer.Option(..., "--to", help="clam | trident | stamp | slideflow"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Destination folder."),
     slide_mpp: float | None = typer.Option(None, "--slide-mpp", help="µm/px for bags that lack it."),
+    id_from: str = typer.Option(
+        "auto",
+        "--id-from",
+        help="auto (the bag's slide_id, else its file name) | stem (file name) | parent (folder name, for "
+        "slideA/features.h5 layouts). Two bags with one id are refused.",
+    ),
 ) -> None:
-    """Write bags in CLAM (h5_files + pt_files), TRIDENT, STAMP or slideflow layout."""
+    """Write bags in CLAM (h5_files + pt_files), TRIDENT, STAMP or slideflow layout (docs/feature-bag.md:
+    what each export guarantees and refuses)."""
     from wsikit.bags import EXPORT_LAYOUTS, BagError, bag_files, export_bags
 
     if layout not in EXPORT_LAYOUTS:
@@ -69,7 +76,7 @@ def export(
     if not files:
         raise fail(f"no bags found in {' '.join(map(str, paths))}")
     try:
-        written = export_bags(files, layout, out_dir, slide_mpp)
+        written = export_bags(files, layout, out_dir, slide_mpp, id_from)
     except BagError as exc:
         raise fail(str(exc)) from exc
     console.print(f"{len(files)} bag(s) → {out_dir} ({layout}, {len(written)} files)", highlight=False)

@@ -23,18 +23,29 @@ console = Console(stderr=True)
 out = Console()
 
 THREADS_HELP = "CPU threads for torch (default: the CPUs allotted to this job). MIL models are small: 1-2 is often fastest."
-SLIDE_MPP_HELP = "Resolution (µm/px) of slides whose file has none (a slide list's mpp column wins)."
+SLIDE_MPP_HELP = (
+    "Level-0 resolution (µm/px) of the slides given, over their files' own (a slide list's mpp column wins); "
+    "needed where a file has none. A rerun with another value redoes the slides it applies to."
+)
+
+
+MAX_MESSAGE = 1000  # characters of one error or warning line; the rest is counted, not printed
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE) -> str:
+    """``message`` cut to ``limit`` characters (a value echoed in an error can be huge)."""
+    return message if len(message) <= limit else f"{message[:limit]}… (+{len(message) - limit} characters)"
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print a one-line error and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(bounded(message))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
 def warn(message: str) -> None:
     """Print a warning line (user text is never read as markup)."""
-    console.print(f"[yellow]warning[/] {escape(message)}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]warning[/] {escape(bounded(message))}", highlight=False, soft_wrap=True)
 
 
 def say(message: str) -> None:
@@ -111,8 +122,12 @@ def with_progress(
     return summary
 
 
+MAX_SKIPPED_ROWS = 50  # slides skipped as done earlier are listed up to this many (then counted)
+
+
 def print_summary(title: str, summary: BatchSummary, columns: dict[str, Callable[[Status], str]]) -> None:
-    """A table of done and failed slides with the given per-slide columns, then the failures listed."""
+    """A table of done, failed and skipped slides (those done earlier only when few) with the given
+    per-slide columns, then the failures listed."""
     from rich.table import Table
 
     table = Table(title=escape(title))
@@ -127,11 +142,25 @@ def print_summary(title: str, summary: BatchSummary, columns: dict[str, Callable
         if status.warnings:
             state += " [yellow](warnings)[/]"
         table.add_row(escape(status.slide_id), state, *cells, f"{status.seconds:.1f}")
+    why = summary.why_skipped
+    earlier_done = [sid for sid in summary.skipped if not why.get(sid, "").startswith("failed")]
+    for sid in summary.skipped:
+        if sid not in earlier_done or len(earlier_done) <= MAX_SKIPPED_ROWS:
+            reason = why.get(sid, "done earlier")
+            colour = "yellow" if reason.startswith("failed") else "dim"
+            table.add_row(escape(sid), f"[{colour}]skipped: {escape(reason)}[/]", *[""] * len(columns), "")
     out.print(table)
+    failed_before = len(summary.skipped) - len(earlier_done)
     say(
         f"{len(summary.done)} done, {len(summary.failed)} failed, {len(summary.skipped)} skipped "
-        f"(already recorded), {len(summary.busy)} busy (locked by another process)"
+        f"({len(earlier_done)} done earlier, {failed_before} failed earlier), {len(summary.busy)} busy "
+        "(locked by another process)"
     )
+    if failed_before:
+        warn(
+            f"{failed_before} slide(s) failed earlier and were not retried: fix what their error names and "
+            "rerun with --retry-failed (a changed input, such as the --slide-mpp an error asked for, retries by itself)"
+        )
     for status in summary.done:
         for warning in status.warnings:
             warn(f"{status.slide_id}: {warning}")
@@ -142,8 +171,9 @@ def print_summary(title: str, summary: BatchSummary, columns: dict[str, Callable
 
 
 def exit_for(summary: BatchSummary) -> None:
-    """Exit non-zero when any slide failed."""
-    if not summary.ok:
+    """Exit non-zero when any slide failed, now or earlier (skipped without --retry-failed): the job is
+    not done."""
+    if not summary.ok or any(why.startswith("failed") for why in summary.why_skipped.values()):
         raise typer.Exit(1)
 
 

@@ -19,6 +19,7 @@ from wsikit.cli.common import (
     print_summary,
     say,
     share_of,
+    warn,
 )
 
 
@@ -44,6 +45,18 @@ def _progress() -> Iterator[dict[str, Any]]:
         }
 
 
+def _warn_stale(job_dir: Path) -> None:
+    """Name the spec folders an earlier tiling left (not encoded: the job's tiling no longer makes them)."""
+    from wsikit.grids import tiled_specs
+
+    for name, ids in tiled_specs(job_dir)[1].items():
+        shown = ", ".join(ids[:3]) + (f", … ({len(ids)} in all)" if len(ids) > 3 else "")
+        warn(
+            f"{job_dir}/tiles/{name}: stale, left from an earlier tiling ({shown}); not encoded, as the job's "
+            "current tiling does not make it (delete the folder, or re-tile with that spec)"
+        )
+
+
 def extract(
     ctx: typer.Context,
     job_dir: Path = typer.Argument(..., help="Job directory written by `wsikit tile`."),
@@ -51,10 +64,18 @@ def extract(
         None, "--config", help="YAML config whose 'extract' section sets defaults; options given here win."
     ),
     encoder: str = typer.Option(
-        "resnet50-trunc", "--encoder", "-e", help="A registry name (see `wsikit encoders`) or timm:<model>."
+        "resnet50-trunc",
+        "--encoder",
+        "-e",
+        help="A registered encoder (`wsikit encoders` lists them) or timm:<model>.",
     ),
     weights: Path | None = typer.Option(
-        None, "--weights", help="Local checkpoint (.pth/.safetensors) for the encoder's architecture."
+        None,
+        "--weights",
+        help="Local checkpoint (.safetensors/.bin/.pth) or downloaded repository folder for the encoder.",
+    ),
+    embedding: str | None = typer.Option(
+        None, "--embedding", help="cls | cls+mean | mean | pooled (default: the encoder's own rule)."
     ),
     random_weights: bool = typer.Option(
         False,
@@ -143,6 +164,7 @@ def extract(
         options["pretrained"] = (("random_weights",), not random_weights)
         options["specs"] = (("spec",), [parse_spec(t).name for t in spec])
         options["compile"] = (("compile_model",), compile_model)
+        options["embedding"] = (("embedding",), embedding)
         cfg = build_settings(
             ExtractConfig, layered_settings(ctx, config, "extract", options), config, "extract"
         )
@@ -150,6 +172,8 @@ def extract(
     except errors as exc:
         raise fail(str(exc)) from exc
     mine = share_of(entries, shard)
+    if not cfg.specs:
+        _warn_stale(job_dir)
 
     def on_ready(engine: str) -> None:
         say(f"{engine}: {len(mine)} slide(s) × {', '.join(specs)}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from wsikit.cli.common import build_settings, console, fail, layered_settings, out
+from wsikit.cli.common import build_settings, console, fail, layered_settings, out, say, warn
 
 app = typer.Typer(
     help="Classify patches and X-rays: MedMNIST .npz, image folders or CSV manifests.", no_args_is_help=True
@@ -176,26 +176,35 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="best.pt from wsikit patches train."),
     data: Path = typer.Argument(..., help=DATA_HELP),
     out_dir: Path = typer.Option(..., "--out"),
-    split: str | None = typer.Option(None, help="Only this split of the data (train | val | test)."),
+    split: str | None = typer.Option(
+        None, help="The split to score: test (the default when the data has splits) | val | train | all."
+    ),
+    include_training: bool = typer.Option(
+        False,
+        "--include-training-images",
+        help="Allow scoring the data's train split (--split train/all); its scores are optimistic if it trained the model.",
+    ),
     patient_regex: str | None = typer.Option(None, help="Patient-id regex or preset (kept in the outputs)."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the CIs (0 = none)."),
     gradcam: int = typer.Option(16, help="Images in the Grad-CAM picture (0 = none)."),
     device: str = typer.Option("auto"),
 ) -> None:
     """Score a checkpoint on labelled images: report JSON/markdown, curves, predictions, Grad-CAM."""
-    from wsikit.images.evaluate import EvaluateError, evaluate_classifier
+    from wsikit.images.evaluate import EvaluateError, evaluate_classifier, scoring_split
     from wsikit.images.models import ModelError
 
-    ds = _load(data, patient_regex, None)
-    if split:
-        if ds.split is None:
-            raise fail(f"{data}: has no split column/folders; drop --split")
-        ds = ds.subset((ds.split == split).nonzero()[0])
     try:
-        m = evaluate_classifier(checkpoint, ds, out_dir, split or "eval", device, bootstrap, gradcam)
+        ds, name, notes = scoring_split(_load(data, patient_regex, None), split, include_training, str(data))
+        for note in notes:
+            (warn if "optimistic" in note else say)(note)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            m = evaluate_classifier(checkpoint, ds, out_dir, name, device, bootstrap, gradcam)
     except (ModelError, EvaluateError) as exc:
         raise fail(str(exc)) from exc
-    _headline(f"{split or 'eval'}: {len(ds)} images", m)
+    for w in caught:
+        warn(str(w.message))
+    _headline(f"{name}: {len(ds)} images", m)
     console.print(f"report, curves and Grad-CAM in {out_dir}/")
 
 

@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
 import typer
 
-from wsikit.cli.common import SLIDE_MPP_HELP, console, fail, out, print_summary, select_slides, with_progress
+from wsikit.cli.common import (
+    SLIDE_MPP_HELP,
+    console,
+    exit_for,
+    fail,
+    out,
+    print_summary,
+    select_slides,
+    with_progress,
+)
 
 config_app = typer.Typer(help="Inspect pipeline configs.", no_args_is_help=True)
 
 
-def _load(config: Path | None, slide_mpp: float | None = None):
+def _load(config: Path | None, slide_mpp: float | None = None, weights: Path | None = None):
     from wsikit.config import ConfigError
     from wsikit.settings import load_pipeline_config
 
     try:
-        return load_pipeline_config(config, {"slide_mpp": slide_mpp})
+        cfg = load_pipeline_config(config, {"slide_mpp": slide_mpp})
     except ConfigError as exc:
         raise fail(str(exc)) from exc
+    if weights is None:
+        return cfg
+    if cfg.extract is None:
+        raise fail(f"--weights: {config} has no extract section to use them")
+    return dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, weights=weights))
 
 
 @config_app.command("show")
@@ -49,22 +64,35 @@ def run(
     ),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Search folders recursively."),
     id_from: str = typer.Option("stem", "--id-from", help="stem | relpath"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides already done."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Redo slides already done (and run a job with new settings)."
+    ),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry slides that failed before."),
+    weights: Path | None = typer.Option(
+        None,
+        "--weights",
+        help="Local checkpoint (.pth/.safetensors) for the encoder (the config's extract.weights).",
+    ),
 ) -> None:
     """Tile → extract (→ heatmap) slide by slide, so the first bags appear early; resumable, shardable."""
+    from wsikit.encoders import EncoderError
+    from wsikit.runtime import DeviceError
+    from wsikit.stages.extract import ExtractError
     from wsikit.stages.pipeline import run_pipeline
 
-    cfg = _load(config, slide_mpp)
+    cfg = _load(config, slide_mpp, weights)
     entries = select_slides(slides, recursive, id_from, None, shard)
-    summary = with_progress(
-        "run", entries, lambda e, **kw: run_pipeline(e, out_dir, cfg, overwrite, retry_failed, **kw)
-    )
+    try:
+        summary = with_progress(
+            "run", entries, lambda e, **kw: run_pipeline(e, out_dir, cfg, overwrite, retry_failed, **kw)
+        )
+    except (EncoderError, ExtractError, DeviceError) as exc:  # the encoder cannot be built: before any slide
+        raise fail(str(exc)) from exc
     for stage, part in summary.stages.items():
         print_summary(stage, part, {"outputs": lambda s: str(len(s.outputs))})
     console.print(f"job directory: {out_dir}  (wsikit status {out_dir})")
-    if not summary.ok:
-        raise typer.Exit(1)
+    for part in summary.stages.values():
+        exit_for(part)
 
 
 def slurm(

@@ -15,8 +15,15 @@ from wsikit.cli.common import (
     print_summary,
     say,
     select_slides,
+    warn,
     with_progress,
 )
+
+
+def _ink(info: dict) -> str:
+    """Excluded marker ink: area and colours, e.g. ``1.42 (green, red)``."""
+    colours = ", ".join(info.get("ink_colours") or {})
+    return f"{info.get('ink_area_mm2', 0.0):.2f}" + (f" ({colours})" if colours else "")
 
 
 def tile(
@@ -50,9 +57,22 @@ def tile(
         "--masks",
         help="Folder of edited GeoJSON masks (<slide_id>.geojson) used instead of computed ones.",
     ),
-    mask_mpp: float = typer.Option(8.0, "--mask-mpp", help="Working resolution of the tissue mask (µm/px)."),
-    mask_channel: str = typer.Option("saturation", "--mask-channel", help="saturation | darkness | both"),
-    pen: bool = typer.Option(True, "--pen/--no-pen", help="Exclude red/green/blue marker ink."),
+    mask_method: str = typer.Option(
+        "od",
+        "--mask-method",
+        help="od (optical density; H&E, IHC, greyscale, faint) | otsu (the earlier default).",
+    ),
+    mask_mpp: float = typer.Option(
+        8.0, "--mask-mpp", help="Working resolution of the tissue mask (µm/px; finer on slides under 1 mm)."
+    ),
+    mask_channel: str = typer.Option(
+        "saturation", "--mask-channel", help="saturation | darkness | both (otsu only)."
+    ),
+    pen: bool = typer.Option(
+        True,
+        "--pen/--no-pen",
+        help="Exclude marker ink (od: blue, green, black, red; otsu: red, green, blue).",
+    ),
     min_object: float = typer.Option(20_000.0, "--min-object-um2", help="Drop tissue pieces smaller (µm²)."),
     max_hole: float = typer.Option(20_000.0, "--max-hole-um2", help="Fill holes smaller (µm²)."),
     align: bool = typer.Option(
@@ -94,6 +114,7 @@ def tile(
         options = {
             "specs": (("mpp", "mag", "tile_size", "overlap", "spec"), specs),
             "min_tissue": (("min_tissue",), min_tissue),
+            "mask.method": (("mask_method",), mask_method),
             "mask.mpp": (("mask_mpp",), mask_mpp),
             "mask.channel": (("mask_channel",), mask_channel),
             "mask.exclude_pen": (("pen",), pen),
@@ -116,7 +137,14 @@ def tile(
     mine = select_slides(slides, recursive, id_from, slide_mpp, shard)
     say(f"tiling {len(mine)} slide(s) into {out}: {', '.join(s.name for s in cfg.specs)}")
     summary = with_progress(
-        "tile", mine, run_tiling, job_dir=out, cfg=cfg, overwrite=overwrite, retry_failed=retry_failed
+        "tile",
+        mine,
+        run_tiling,
+        job_dir=out,
+        cfg=cfg,
+        overwrite=overwrite,
+        retry_failed=retry_failed,
+        on_note=warn,
     )
     print_summary(
         f"wsikit tile → {out}",
@@ -124,6 +152,7 @@ def tile(
         {
             "tiles per spec": lambda s: " / ".join(str(n) for n in s.info.get("tiles", {}).values()),
             "tissue %": lambda s: f"{100 * s.info.get('tissue_fraction', 0):.1f}",
+            "ink mm²": lambda s: _ink(s.info),
             "mask": lambda s: "computed" if s.info.get("mask_source") == "computed" else "GeoJSON",
         },
     )

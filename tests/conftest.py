@@ -13,7 +13,9 @@ from wsikit.slide import SAMPLE_SLIDE, open_slide
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(  # beside the checkout; WSIKIT_SHARED_DATA for checkouts elsewhere (git worktrees)
+    os.environ.get("WSIKIT_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +70,55 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def view_job(tmp_path_factory) -> dict[str, Path]:
+    """The bundled slide as a job (20x/224 tiles, EfficientNet-Lite0 bags) and a small gated-ABMIL run
+    trained on 12 pseudo-slides cut from its bag, with made-up labels (3 of 8 chosen tiles make a slide
+    positive): what `wsikit view` shows. About 8 s."""
+    import torch
+
+    from wsikit.bags import Bag, bag_path, read_bag, write_bag
+    from wsikit.jobs import SlideEntry
+    from wsikit.mil.cv import run_cv
+    from wsikit.mil.data import LabelsTable, bag_provenance
+    from wsikit.mil.train import TrainConfig
+    from wsikit.settings import pipeline_config
+    from wsikit.stages.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("view_job")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = {
+            "tile": {"specs": ["20x/224/0"], "min_tissue": 0.25},
+            "extract": {"encoder": "efficientnet-lite0"},
+        }
+        run_pipeline([SlideEntry(SAMPLE_SLIDE, SAMPLE_SLIDE.stem)], root / "job", pipeline_config(cfg))
+        bag = read_bag(bag_path(root / "job", "mpp0.50_224px_0ov", "efficientnet-lite0", SAMPLE_SLIDE.stem))
+        feats = bag.features.astype(np.float32)
+        direction = np.random.default_rng(0).standard_normal(feats.shape[1])
+        order = np.argsort(-(feats - feats.mean(0)) @ direction)
+        rng = np.random.default_rng(1)
+        paths, labels = [], []
+        for i in range(12):
+            positive = i % 2 == 1
+            pick = np.r_[
+                rng.choice(order[:8], 3 * positive, replace=False), rng.choice(order[8:], 20, replace=False)
+            ]
+            paths.append(
+                write_bag(
+                    root / "pseudo" / f"p{i:02d}.h5",
+                    Bag(feats[pick], bag.coords[pick], bag.attrs, bag.coords_attrs),
+                )
+            )
+            labels.append("tumour" if positive else "normal")
+        table = LabelsTable(
+            None, [p.stem for p in paths], [f"case{i}" for i in range(12)], labels, ["normal", "tumour"]
+        )
+        train = TrainConfig(epochs=4, lr=1e-3, folds=2, device="cpu", bootstrap=20, min_epochs=1)
+        run_cv(train, table, paths, feats.shape[1], root / "run", bag_provenance(paths))
+    finally:
+        torch.set_num_threads(threads)
+    return {"job": root / "job", "run": root / "run", "slide_id": SAMPLE_SLIDE.stem}

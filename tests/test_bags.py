@@ -190,7 +190,9 @@ def test_export_slideflow_round_trip(tmp_path):
     np.testing.assert_array_equal(np.load(index)["arr_0"], bag.coords + 256)  # centres
     cfg = json.loads(config.read_text())
     assert cfg["num_features"] == 24 and cfg["tile_px"] == 256 and cfg["tile_um"] == 128.0
-    back = read_bag(pt)
+    assert isinstance(cfg["tile_um"], int) and "slide_mpp" not in cfg  # one config per folder of slides
+    assert read_bag(pt).attrs["coords_origin"] == "center"  # slideflow's own files: centres without an MPP
+    back = read_bag(pt, slide_mpp=0.25)
     assert back.attrs["source_format"] == "slideflow" and back.attrs["coords_origin"] == "top-left"
     np.testing.assert_array_equal(back.coords, bag.coords)
     np.testing.assert_array_equal(back.features, bag.features)

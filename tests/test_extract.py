@@ -11,9 +11,9 @@ import pytest
 import tifffile
 
 from wsikit.bags import bag_path, read_bag
-from wsikit.encoders import get_encoder
+from wsikit.encoders.build import get_encoder
 from wsikit.grids import grid_path, read_grid, write_grid
-from wsikit.jobs import SlideEntry, read_status, resolve_slides
+from wsikit.jobs import JobError, SlideEntry, read_status, resolve_slides
 from wsikit.settings import ExtractConfig, SettingsError, TileConfig
 from wsikit.specs import TileSpec
 from wsikit.stages.extract import ExtractError, run_extraction, stage_name
@@ -149,7 +149,9 @@ def test_resume_skips_done_and_redoes_changed_settings(job, encoder):
     _extract(job, encoder, specs=(COARSE,))
     again = _extract(job, encoder, specs=(COARSE,))
     assert sorted(again.skipped) == ["cmu_generic", "cmu_svs"] and not again.done
-    changed = _extract(job, encoder, specs=(COARSE,), fp16_features=True)
+    with pytest.raises(JobError, match="fp16_features False → True"):  # a job holds one set of settings
+        _extract(job, encoder, specs=(COARSE,), fp16_features=True)
+    changed = _extract(job, encoder, specs=(COARSE,), fp16_features=True, overwrite=True)
     assert len(changed.done) == 2
     assert read_bag(bag_path(job, COARSE, "resnet18", "cmu_svs")).features.dtype == np.float16
 
@@ -199,10 +201,13 @@ def test_real_pretrained_encoder_and_stain(job, shared_data):
     enc = get_encoder("efficientnet-lite0")
     plain = run_extraction(job, ExtractConfig("efficientnet-lite0", specs=(COARSE,), workers=0), encoder=enc)
     before = read_bag(bag_path(job, COARSE, "efficientnet-lite0", "cmu_svs")).features
-    normed = run_extraction(
-        job, ExtractConfig("efficientnet-lite0", specs=(COARSE,), workers=0, stain=norm_path), encoder=enc
+    normed = run_extraction(  # a stain change is a change of the job's settings: --overwrite redoes it
+        job,
+        ExtractConfig("efficientnet-lite0", specs=(COARSE,), workers=0, stain=norm_path),
+        encoder=enc,
+        overwrite=True,
     )
-    assert not plain.failed and len(normed.done) == 2  # stain change → settings changed → redone
+    assert not plain.failed and len(normed.done) == 2
     bag = read_bag(bag_path(job, COARSE, "efficientnet-lite0", "cmu_svs"))
     assert bag.attrs["weights_id"].startswith("sha256:") and bag.attrs["stain"]["method"] == "macenko"
     assert bag.attrs["stain"]["source"] is not None or bag.attrs["stain"]["params"]

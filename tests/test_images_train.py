@@ -168,7 +168,7 @@ def test_weights_are_the_ones_trained(shared_data, pneumonia_small, tmp_path):
     single split (CLI) and in each fold of a cross-validation."""
     import timm
 
-    from wsikit.encoders import sha256_file
+    from wsikit.encoders.weights import sha256_file
 
     torch.manual_seed(7)
     backbone = timm.create_model("resnet18.tv_in1k", pretrained=False, num_classes=0)

@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUND = {"slide", "tiles", "native", "decode", "io", "runtime", "jobs", "bags", "encoders", "stain", "metrics",
-          "reports", "splits", "config", "settings", "specs", "grids", "schedulers", "pyramid"}  # fmt: skip
+          "reports", "splits", "config", "settings", "specs", "grids", "schedulers", "pyramid", "claims",
+          "dicom"}  # fmt: skip
 STAGES = {"tissue", "tiling", "stages", "mil", "images", "demo"}
 HEAVY = ("torch", "scipy", "h5py", "zarr", "matplotlib", "sklearn", "timm", "torchvision")
 

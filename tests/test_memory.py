@@ -16,7 +16,8 @@ from torch import nn
 import wsikit.tiling as tiling
 import wsikit.tissue as tissue
 from wsikit.bags import Bag, BagWriter, bag_path, read_bag, write_bag
-from wsikit.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder
+from wsikit.encoders import IMAGENET_MEAN, IMAGENET_STD
+from wsikit.encoders.build import Encoder
 from wsikit.grids import grid_path, read_grid
 from wsikit.jobs import SlideEntry
 from wsikit.mil.data import BagDataset
@@ -128,7 +129,7 @@ def test_mask_in_strips_equals_mask_at_once(monkeypatch, sample_slide):
         rgb = slide.thumbnail(mpp=4.0)
     params = tissue.MaskParams(mpp=4.0, channel="both")
     at_once = tissue.otsu_mask(rgb, 4.0, params)
-    monkeypatch.setattr(tissue, "STRIP_PIXELS", 1000)
+    monkeypatch.setattr(tissue.base, "STRIP_PIXELS", 1000)
     strips = tissue.otsu_mask(rgb, 4.0, params)
     assert at_once[0].any() and at_once[1] == strips[1]
     np.testing.assert_array_equal(at_once[0], strips[0])

@@ -358,7 +358,7 @@ def test_extract_reader_native_equals_openslide(tmp_path):
 
     from wsikit.bags import read_bag
     from wsikit.cli.main import app
-    from wsikit.encoders import get_encoder
+    from wsikit.encoders.build import get_encoder
     from wsikit.settings import ExtractConfig, SettingsError
     from wsikit.stages.extract import Extractor, job_slides
 

@@ -187,7 +187,8 @@ def test_tile_and_extract_take_config_with_command_line_overrides(tmp_path, smal
     config.write_text(
         yaml.safe_dump(
             {
-                "tile": {"specs": ["1.0/128/0"], "min_tissue": 0.9, "mask": {"mpp": 16.0}},
+                # min_side_px 0: the 0.5 mm slide keeps the file's working resolution (not a finer one)
+                "tile": {"specs": ["1.0/128/0"], "min_tissue": 0.9, "mask": {"mpp": 16.0, "min_side_px": 0}},
                 "extract": {
                     "encoder": "efficientnet-lite0",
                     "batch_size": 2,

@@ -9,13 +9,13 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from wsikit.cli.main import app
 from wsikit.grids import TileGrid, grid_path, list_specs, read_grid, write_grid
-from wsikit.jobs import SlideEntry, read_status, resolve_slides
+from wsikit.jobs import JobError, SlideEntry, read_status, resolve_slides
 from wsikit.settings import TileConfig
 from wsikit.slide import open_slide
 from wsikit.specs import Layout, TileSpec, TilingError, aligned_layouts, nominal_layout, parse_spec
@@ -68,6 +68,7 @@ dims = st.tuples(st.integers(300, 30_000), st.integers(300, 30_000))
     overlap_frac=st.sampled_from([0, 0.125, 0.25, 0.5]),
     levels=st.integers(1, 3),
 )
+@example(dims=(300, 300), slide_mpp=0.46, base_mpp=0.25, size=64, overlap_frac=0.5, levels=1)  # 1-px rounding
 def test_aligned_grids_geometry(dims, slide_mpp, base_mpp, size, overlap_frac, levels):
     overlap = int(size * overlap_frac)
     specs = [TileSpec(base_mpp * 2**k, size, overlap) for k in range(levels)]
@@ -94,7 +95,9 @@ def test_aligned_grids_geometry(dims, slide_mpp, base_mpp, size, overlap_frac, l
         assert layout.overlap_level0 == nominal.overlap_level0
         base = nominal_layout(specs[0], slide_mpp)
         drift = base.size_level0 / (specs[0].size * specs[0].mpp / slide_mpp)  # level 0 read as is within 5%
-        assert layout.stride_level0 / (spec.stride * spec.mpp / slide_mpp) == pytest.approx(drift, rel=0.02)
+        # the physical stride, up to 2% and the rounding of the finest stride (≤ 1 px, times the nesting)
+        physical = drift * spec.stride * spec.mpp / slide_mpp
+        assert layout.stride_level0 == pytest.approx(physical, rel=0.02, abs=2 ** specs.index(spec))
         # parents contain their children
         for name, index in parents.items():
             coarse = next(g for g in grids if g[0].name == name)
@@ -284,7 +287,9 @@ def test_run_tiling_outputs_resume_and_settings_change(tmp_path, sample_slide):
     assert fine.attrs["savetodir"] == str(job / "tiles" / "mpp0.50_256px_0ov")
     assert "mpp1.00_256px_0ov" in fine.parents
     assert run_tiling(entries, job, _cfg()).skipped == [sid]  # resume
-    again = run_tiling(entries, job, _cfg(min_tissue=0.9))  # other settings: redone
+    with pytest.raises(JobError, match=r"min_tissue 0\.5 → 0\.9"):  # a job holds one set of settings
+        run_tiling(entries, job, _cfg(min_tissue=0.9))
+    again = run_tiling(entries, job, _cfg(min_tissue=0.9), overwrite=True)  # other settings: redone
     assert len(again.done) == 1 and not again.done[0].warnings
     finer = run_tiling(entries, tmp_path / "job2", TileConfig((TileSpec(0.25),)))
     assert any("upsampled" in w for w in finer.done[0].warnings)
@@ -390,11 +395,16 @@ def test_cli_tile_bundled_slide_and_pyramids(tmp_path, sample_slide, pyramids):
     rows = list(csv.DictReader(manifest.open()))
     assert {r["slide_id"] for r in rows} == {"cmu_svs", "cmu_generic", "CMU-1-Small-Region"}
     assert all((manifest.parent / r["path"]).is_file() for r in rows)
-    # resume: nothing redone; the no-MPP slide succeeds with an override and --retry-failed
-    result = runner.invoke(app, [*args, "--slide-mpp", "0.499", "--retry-failed"])
+    # resume: nothing redone, the failed slide listed with why it is skipped
+    result = runner.invoke(app, args)
+    assert "4 skipped (3 done earlier, 1 failed earlier)" in " ".join(result.output.split())
+    assert "--retry-failed" in result.output and result.exit_code == 1  # the job is not done
+    # the no-MPP slide succeeds with the override its error named (no --retry-failed needed: its input
+    # changed); the override applies to every slide given, so the others are redone with it too
+    result = runner.invoke(app, [*args, "--slide-mpp", "0.499"])
     assert result.exit_code == 0, result.output
     assert read_status(job, "tile", "cmu_nompp").state == "done"
-    assert "3 skipped" in result.output.replace("\n", " ")
+    assert "4 done" in result.output.replace("\n", " ")
 
 
 def test_cli_shards_and_errors(tmp_path, pyramids, monkeypatch):

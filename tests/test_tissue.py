@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from wsikit.settings import MaskError, MaskParams
 from wsikit.slide import SAMPLE_SLIDE, open_slide
 from wsikit.tiles import resize
 from wsikit.tiling import tile_fractions
 from wsikit.tissue import (
-    MaskError,
-    MaskParams,
     TissueMask,
     compute_mask,
     iou,
@@ -156,11 +155,11 @@ def test_tile_filter_follows_labels(shared_data):
 
 
 @pytest.mark.xfail(
-    strict=True, reason="out-of-focus pink/purple ink has H&E colours; colour rules cannot tell"
+    strict=True, reason="out-of-focus purple ink has H&E colours; colour rules cannot tell (the red ink goes)"
 )
 def test_pink_pen_without_tissue_is_rejected(shared_data):
     rgb = _rgb(shared_data / "patches/tissue_tiles/no-tissue-red-pen.png")
-    assert mask_from_rgb(rgb, 2.0).mean() < 0.5
+    assert mask_from_rgb(rgb, 2.0).mean() < 0.01
 
 
 def test_blank_and_noisy_glass_give_an_empty_mask():

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import reprlib
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,6 +89,13 @@ def _check_keys(cls: type, data: Any, where: str) -> None:
             _check_keys(inner, item, f"{where}.{name}{suffix}")
 
 
+#: Values echoed in errors are cut (cost bounded by these limits, not by the value: a YAML alias bomb
+#: expands to billions of leaves).
+_SHORT = reprlib.Repr()  # keyword arguments need Python 3.12
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 60, 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+
+
 def build(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
     """Build the settings dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
     data = data or {}
@@ -99,7 +107,9 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
         if err["type"] == "value_error":  # the dataclass's own check: its message says it all
             raise ConfigError(f"{where}{loc}: {err['msg'].removeprefix('Value error, ')}") from exc
-        raise ConfigError(f"{where}{loc}: {err['msg']} (got {err.get('input')!r})") from exc
+        if err["type"] == "missing":  # pydantic's input here is the whole section: name the key only
+            raise ConfigError(f"{where}{loc}: missing (required)") from exc
+        raise ConfigError(f"{where}{loc}: {err['msg']} (got {_SHORT.repr(err.get('input'))})") from exc
     except ValueError as exc:  # the dataclass's own checks (__post_init__)
         raise ConfigError(f"{where}: {exc}") from exc
 

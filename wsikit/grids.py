@@ -10,7 +10,9 @@ Grids are made by :func:`wsikit.tiling.tile_slide`; files are ``<job>/tiles/<spe
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from wsikit.io import atomic_path, from_h5_attr
+from wsikit.jobs import read_status
 from wsikit.specs import SPEC_NAME_RE, TileSpec, TilingError, mag_to_mpp, spec_key
 
 
@@ -70,6 +73,44 @@ def list_specs(job_dir: str | os.PathLike) -> list[str]:
     names = [p.name for p in root.iterdir() if p.is_dir() and SPEC_NAME_RE.match(p.name)]
     specs = sorted((TileSpec.from_name(n) for n in names), key=spec_key)
     return [s.name for s in specs]
+
+
+def tiled_specs(job_dir: str | os.PathLike) -> tuple[list[str], dict[str, list[str]]]:
+    """The spec folders the job's current tiling uses, fine to coarse, and the stale ones: folders that no
+    slide's done tile record lists (left by an earlier tiling with other specs), with the slides they hold.
+    A job without tile records (imported coordinates) uses every folder."""
+    job = Path(job_dir)
+    folders = list_specs(job)
+    records = sorted((job / "status" / "tile").glob("*.json")) if (job / "status" / "tile").is_dir() else []
+    if not records:
+        return folders, {}
+    listed: set[str] = set()
+    for path in records:
+        status = read_status(job, "tile", path.stem)
+        if status is not None and status.state == "done":
+            listed.update(status.info.get("specs", []))
+    stale = {
+        name: sorted(p.stem for p in (job / "tiles" / name).glob("*.h5") if not p.name.startswith("."))
+        for name in folders
+        if name not in listed
+    }
+    return [n for n in folders if n in listed], stale
+
+
+def grid_inputs(job_dir: str | os.PathLike, specs: Sequence[str], slide_id: str) -> str:
+    """A fingerprint of the slide's grids at ``specs`` (their tiles' positions and sizes): a bag whose grid
+    changed since it was encoded (the slide was re-tiled) is outdated."""
+    digest = hashlib.sha1()
+    for name in sorted(specs):
+        digest.update(name.encode())
+        try:
+            grid = read_grid(grid_path(job_dir, name, slide_id))
+        except TilingError:
+            digest.update(b"missing")
+            continue
+        digest.update(f"{grid.size_level0}/{grid.stride_level0}".encode())
+        digest.update(np.ascontiguousarray(grid.coords, np.int64).tobytes())
+    return digest.hexdigest()[:12]
 
 
 # -- reading and writing coordinates files -------------------------------------------------------------

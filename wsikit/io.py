@@ -50,6 +50,23 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+def ensure_dir(
+    path: str | os.PathLike, option: str = "the folder", error: type[Exception] = InputError
+) -> Path:
+    """``path`` as a folder, created if needed and checked writable (a probe file); ``error`` naming it and
+    ``option`` (what to change) when it cannot be written (read-only, a file in the way, no permission)."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".write-probe.", dir=folder):
+            pass
+    except OSError as exc:
+        raise error(
+            f"{folder}: cannot write here ({exc.strerror or exc}); choose a writable {option}"
+        ) from exc
+    return folder
+
+
 def clear_stale_temps(dest: str | os.PathLike) -> None:
     """Remove the temporary files that :func:`atomic_path` calls for ``dest`` left behind (a killed
     writer's). Call only while holding the slide's lock, so that no live writer owns them."""
@@ -110,11 +127,16 @@ def write_text(dest: str | os.PathLike, text: str) -> Path:
 
 
 def write_png(dest: str | os.PathLike, rgb: Any) -> Path:
-    """Write an (H, W, 3) or (H, W, 4) uint8 array as PNG, atomically."""
-    from PIL import Image  # deliberate: `wsikit status` and other light commands never draw
+    """Write an (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA uint8 array as PNG, atomically."""
+    import cv2  # deliberate: `wsikit status` and other light commands never draw
 
+    if rgb.ndim == 3:
+        rgb = cv2.cvtColor(rgb, cv2.COLOR_RGBA2BGRA if rgb.shape[2] == 4 else cv2.COLOR_RGB2BGR)
+    ok, data = cv2.imencode(".png", rgb)
+    if not ok:
+        raise OSError(f"{dest}: PNG encoding failed ({rgb.shape} {rgb.dtype})")
     with atomic_path(dest, suffix=".png") as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
+        tmp.write_bytes(data.tobytes())
     return Path(dest)
 
 

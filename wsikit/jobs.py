@@ -1,5 +1,5 @@
-"""Job directories shared by every per-slide stage: slide lists, shards, locks, status records, the
-per-slide batch loop and the job overview.
+"""Job directories shared by every per-slide stage: slide lists, shards, status records, the per-slide
+batch loop and the job overview (the per-slide locks are :mod:`wsikit.locks`).
 
 A job directory holds each stage's outputs and one status record per slide and stage::
 
@@ -11,7 +11,6 @@ Resume trusts only the status records: a lock or an output file is never taken a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import json
@@ -19,17 +18,19 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsikit.io import clear_stale_temps, one_line, read_table, write_json
+from wsikit import __version__
+from wsikit.dicom import DICOM_SUFFIX, dicom_slides
+from wsikit.io import clear_stale_temps, ensure_dir, one_line, read_table, write_json
+from wsikit.locks import acquire_lock, lock_is_stale, release_lock
 
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm", ".qptiff",
 )  # fmt: skip
-STALE_LOCK_SECONDS = 24 * 3600
 
 
 class JobError(ValueError):
@@ -49,7 +50,14 @@ class SlideEntry:
 
 
 def _is_slide(path: Path) -> bool:
-    return path.suffix.lower() in SLIDE_EXTENSIONS and not path.name.startswith(".")
+    """Named like a slide (DICOM instances excepted: a series of them is one slide, :func:`dicom_slides`)."""
+    suffix = path.suffix.lower()
+    return suffix in SLIDE_EXTENSIONS and suffix != DICOM_SUFFIX and not path.name.startswith(".")
+
+
+def _other_file(path: Path) -> bool:
+    """A glob's match that is no folder and no DICOM instance (those are grouped by series)."""
+    return path.suffix.lower() != DICOM_SUFFIX and not path.is_dir()
 
 
 def _read_slide_table(table: Path) -> list[SlideEntry]:
@@ -92,14 +100,14 @@ def resolve_slides(
         p = Path(item).expanduser()
         if p.suffix.lower() in (".csv", ".tsv") and p.is_file():
             entries.extend(_read_slide_table(p))
-        elif p.is_dir():
+        elif p.is_dir():  # every entry named like a slide is kept, so a broken one fails with its reason
             found = sorted(p.rglob("*") if recursive else p.iterdir())
-            entries.extend(
-                SlideEntry(f, _slide_id(f, p, id_from)) for f in found if f.is_file() and _is_slide(f)
-            )
+            entries.extend(SlideEntry(f, i) for f, i in dicom_slides(p, found, recursive))
+            entries.extend(SlideEntry(f, _slide_id(f, p, id_from)) for f in found if _is_slide(f))
         elif any(ch in str(item) for ch in "*?["):
             matches = [Path(m) for m in sorted(glob.glob(str(p), recursive=recursive))]
-            entries.extend(SlideEntry(m, m.stem) for m in matches if m.is_file())
+            entries.extend(SlideEntry(f, i) for f, i in dicom_slides(p.parent, matches, recursive))
+            entries.extend(SlideEntry(m, m.stem) for m in matches if _is_slide(m) or _other_file(m))
         else:
             entries.append(SlideEntry(p, p.stem))  # missing files fail per slide, with a status record
     seen: dict[str, Path] = {}
@@ -211,7 +219,7 @@ def take_share(
     return select_shard(entries, which), which
 
 
-# -- status records and locks --------------------------------------------------------------------------
+# -- status records -----------------------------------------------------------------------------------
 @dataclass
 class Status:
     """A slide's record for one stage: ``done`` only after its outputs are in place."""
@@ -244,78 +252,13 @@ def read_status(job_dir: str | os.PathLike, stage: str, slide_id: str) -> Status
 
 
 def write_status(job_dir: str | os.PathLike, status: Status) -> Path:
-    from wsikit import __version__
-
     status.wsikit_version = __version__
     return write_json(status_path(job_dir, status.stage, status.slide_id), asdict(status))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def acquire_lock(
-    job_dir: str | os.PathLike, stage: str, slide_id: str, stale_after: float = STALE_LOCK_SECONDS
-) -> Path | None:
-    """Take the per-slide lock; returns its path when now held (release it with :func:`release_lock`),
-    None when another live process holds it. A lock whose process is dead on this host, or that is
-    older than ``stale_after`` seconds, is reclaimed."""
-    path = Path(job_dir) / "locks" / stage / f"{slide_id}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if _lock_is_stale(path, stale_after):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            return None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        return path
-    return None
-
-
-def release_lock(path: Path) -> None:
-    """Let go of a lock taken by :func:`acquire_lock`."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-@contextlib.contextmanager
-def slide_lock(
-    job_dir: str | os.PathLike, stage: str, slide_id: str, stale_after: float = STALE_LOCK_SECONDS
-) -> Iterator[bool]:
-    """Try to take the per-slide lock; yields True when held (and releases it), False when busy."""
-    path = acquire_lock(job_dir, stage, slide_id, stale_after)
-    try:
-        yield path is not None
-    finally:
-        if path is not None:
-            release_lock(path)
-
-
-def _lock_is_stale(path: Path, stale_after: float) -> bool:
-    try:
-        holder = json.loads(path.read_text())
-        age = time.time() - float(holder["started"])
-    except (OSError, ValueError, KeyError, TypeError):
-        # unreadable (being written, or a crash mid-write): stale only once it is old
-        try:
-            return time.time() - path.stat().st_mtime > 60
-        except FileNotFoundError:
-            return True
-    if age > stale_after:
-        return True
-    return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1)))
+def ensure_job_dir(job_dir: str | os.PathLike) -> Path:
+    """``job_dir``, created if needed and checked writable; a :class:`JobError` naming it otherwise."""
+    return ensure_dir(job_dir, "--out", JobError)
 
 
 # -- the per-slide loop --------------------------------------------------------------------------------
@@ -336,6 +279,8 @@ class BatchSummary:
     failed: list[Status] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already done (resume) or failed without --retry-failed
     busy: list[str] = field(default_factory=list)  # locked by another live process
+    # slide id → why it was skipped: "done earlier", "failed earlier with the same inputs: …"
+    why_skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -345,22 +290,58 @@ class BatchSummary:
         """Add another run's records to these."""
         for name in ("done", "failed", "skipped", "busy"):
             getattr(self, name).extend(getattr(other, name))
+        self.why_skipped.update(other.why_skipped)
+
+
+def _skip_reason(previous: Status | None, redo: bool, retry_failed: bool) -> str | None:
+    """Why a slide with record ``previous`` is not worked on this time, or None when it is."""
+    if previous is None or redo or (previous.state == "failed" and retry_failed):
+        return None
+    if previous.state == "done":
+        return "done earlier"
+    return f"failed earlier with the same inputs: {previous.error}; --retry-failed to try again"
 
 
 def _wanted(stage: str, entry: SlideEntry, job_dir: str | os.PathLike, overwrite: bool, retry_failed: bool,
-            outdated: Callable[[Status], bool] | None) -> tuple[bool, Status | None, bool]:  # fmt: skip
-    """(whether the slide is to be worked on, its previous record, whether a done record is redone)."""
+            outdated: Callable[[Status], bool] | None, inputs: Callable[[SlideEntry], str] | None) -> Claim:  # fmt: skip
+    """The slide's claim before its lock: ``todo`` (with whether a record is redone) or ``skipped``."""
     previous = read_status(job_dir, stage, entry.slide_id)
-    redo = overwrite or (
-        previous is not None and previous.state == "done" and outdated is not None and outdated(previous)
-    )
-    return not (previous and not redo and (previous.state == "done" or not retry_failed)), previous, redo
+    key = inputs(entry) if inputs is not None else None
+    changed = previous is not None and key is not None and previous.info.get("inputs", key) != key
+    stale = previous is not None and previous.state == "done" and outdated is not None and outdated(previous)
+    redo = overwrite or changed or stale
+    why = _skip_reason(previous, redo, retry_failed)
+    return Claim("skipped" if why else "todo", why=why, inputs=key, previous=previous, redo=redo)
+
+
+@dataclass
+class Claim:
+    """Whether this process works on a slide now: ``todo`` with its ``lock`` held, ``skipped`` (``why``)
+    or ``busy`` (locked by another live process); ``inputs`` is this run's fingerprint for its record."""
+
+    state: str
+    lock: Path | None = None
+    why: str | None = None
+    inputs: str | None = None
+    previous: Status | None = None
+    redo: bool = False
+
+    def settle(self, summary: BatchSummary, slide_id: str) -> None:
+        """Count a slide not worked on in ``summary``."""
+        getattr(summary, self.state).append(slide_id)
+        if self.why is not None:
+            summary.why_skipped[slide_id] = self.why
 
 
 def pending_slides(stage: str, entries: Iterable[SlideEntry], job_dir: str | os.PathLike, overwrite: bool = False,
-                   retry_failed: bool = False, outdated: Callable[[Status], bool] | None = None) -> list[SlideEntry]:  # fmt: skip
+                   retry_failed: bool = False, outdated: Callable[[Status], bool] | None = None,
+                   inputs: Callable[[SlideEntry], str] | None = None) -> list[SlideEntry]:  # fmt: skip
     """The slides :func:`claim_slide` would work on now (locks aside): for progress totals."""
-    return [e for e in entries if _wanted(stage, e, job_dir, overwrite, retry_failed, outdated)[0]]
+    return [
+        e
+        for e in entries
+        if _wanted(stage, e, job_dir, overwrite, retry_failed, outdated, inputs).state == "todo"
+    ]
 
 
 def claim_slide(
@@ -370,44 +351,50 @@ def claim_slide(
     overwrite: bool = False,
     retry_failed: bool = False,
     outdated: Callable[[Status], bool] | None = None,
-) -> tuple[str, Path | None]:
-    """Whether this process works on a slide now: ``("todo", lock)`` with its lock held, ``("skipped",
-    None)`` (recorded done, or failed without ``retry_failed``; done meanwhile by another process) or
-    ``("busy", None)`` (locked by another live process). A slide recorded done is redone with
-    ``overwrite`` or when ``outdated(record)`` says its settings no longer match."""
-    wanted, previous, redo = _wanted(stage, entry, job_dir, overwrite, retry_failed, outdated)
-    if not wanted:
-        return "skipped", None
-    lock = acquire_lock(job_dir, stage, entry.slide_id)
-    if lock is None:
-        return "busy", None
+    inputs: Callable[[SlideEntry], str] | None = None,
+) -> Claim:
+    """Claim a slide: skipped when recorded done (or failed, unless ``retry_failed``), unless
+    ``overwrite``, unless ``outdated(record)`` says a done record's settings no longer match, or unless
+    ``inputs(entry)`` (a fingerprint of what this run would feed the slide's work: an MPP override, the
+    grids it reads, …, kept in every record) differs from the record's, done or failed: a rerun with the
+    fix an error asked for does the slide again. Otherwise its lock is taken (``busy`` when another live
+    process holds it)."""
+    claim = _wanted(stage, entry, job_dir, overwrite, retry_failed, outdated, inputs)
+    if claim.state != "todo":
+        return claim
+    claim.lock = acquire_lock(job_dir, stage, entry.slide_id)
+    if claim.lock is None:
+        claim.state = "busy"
+        return claim
     # another process may have finished the slide between our check and the lock
     again = read_status(job_dir, stage, entry.slide_id)
-    if again and not redo and again.finished_at != getattr(previous, "finished_at", None):
-        release_lock(lock)
-        return "skipped", None
+    if again and not claim.redo and again.finished_at != getattr(claim.previous, "finished_at", None):
+        release_lock(claim.lock)
+        claim.state, claim.lock, claim.why = "skipped", None, f"{again.state} by another process meanwhile"
+        return claim
     clear_stale_temps(status_path(job_dir, stage, entry.slide_id))
-    return "todo", lock
+    return claim
 
 
 def record_slide(job_dir: str | os.PathLike, stage: str, slide_id: str, result: StageResult | BaseException,
-                 seconds: float) -> Status:  # fmt: skip
+                 seconds: float, inputs: str | None = None) -> Status:  # fmt: skip
     """Write a claimed slide's record: ``done`` with ``result``'s outputs, or ``failed`` with the
-    exception's one-line error (and its traceback in ``info``). A record that cannot be written (disk
-    full) raises a :class:`JobError` naming it."""
+    exception's one-line error (and its traceback in ``info``), with the run's ``inputs`` fingerprint.
+    A record that cannot be written (disk full) raises a :class:`JobError` naming it."""
     if isinstance(result, BaseException):
         status = Status(stage, slide_id, "failed", error=one_line(result))
         status.info["traceback"] = "".join(traceback.format_exception(result, limit=6))
     else:
         status = Status(stage, slide_id, "done", result.outputs, result.info, result.warnings)
     status.seconds = round(seconds, 3)
+    if inputs is not None:
+        status.info["inputs"] = inputs
     try:
         write_status(job_dir, status)
     except OSError as exc:  # disk full or quota: stop here, everything recorded so far stays valid
         raise JobError(
             f"{status_path(job_dir, stage, slide_id)}: cannot write the status record "
-            f"({exc.strerror or exc}); free disk space and rerun (recorded slides are kept, this one "
-            "is redone)"
+            f"({exc.strerror or exc}); free disk space and rerun (recorded slides are kept, this one is redone)"
         ) from exc
     return status
 
@@ -422,33 +409,36 @@ def run_batch(
     on_start: Callable[[SlideEntry], None] | None = None,
     on_end: Callable[[SlideEntry, Status | None], None] | None = None,
     outdated: Callable[[Status], bool] | None = None,
+    inputs: Callable[[SlideEntry], str] | None = None,
 ) -> BatchSummary:
     """Run ``work`` on each slide with locks, skip-done and per-slide failure records.
 
     Which slides are worked on is :func:`claim_slide`'s rule. An exception in ``work`` becomes a
-    ``failed`` record and the batch goes on; a status record that cannot be written (disk full) stops
-    the batch with a :class:`JobError`.
+    ``failed`` record and the batch goes on; a job directory or status record that cannot be written
+    (disk full, read-only) stops the batch with a :class:`JobError`.
     """
+    ensure_job_dir(job_dir)
     summary = BatchSummary()
     for entry in entries:
-        state, lock = claim_slide(stage, entry, job_dir, overwrite, retry_failed, outdated)
-        if lock is None:
-            getattr(summary, state).append(entry.slide_id)
-            if on_end:
-                on_end(entry, None)
-            continue
-        try:
-            if on_start:
-                on_start(entry)
-            t0 = time.perf_counter()
+        claim = claim_slide(stage, entry, job_dir, overwrite, retry_failed, outdated, inputs)
+        status = None
+        if claim.lock is None:
+            claim.settle(summary, entry.slide_id)
+        else:
             try:
-                result: StageResult | BaseException = work(entry)
-            except Exception as exc:
-                result = exc
-            status = record_slide(job_dir, stage, entry.slide_id, result, time.perf_counter() - t0)
-        finally:
-            release_lock(lock)
-        (summary.failed if status.state == "failed" else summary.done).append(status)
+                if on_start:
+                    on_start(entry)
+                t0 = time.perf_counter()
+                try:
+                    result: StageResult | BaseException = work(entry)
+                except Exception as exc:
+                    result = exc
+                status = record_slide(
+                    job_dir, stage, entry.slide_id, result, time.perf_counter() - t0, claim.inputs
+                )
+            finally:
+                release_lock(claim.lock)
+            (summary.failed if status.state == "failed" else summary.done).append(status)
         if on_end:
             on_end(entry, status)
     return summary
@@ -477,11 +467,7 @@ def job_status(job_dir: str | os.PathLike, slide_ids: Sequence[str] | None = Non
     report: dict[str, Any] = {"job_dir": str(job), "slides": len(known), "stages": {}}
     for stage in stages:
         running = (
-            {
-                p.stem
-                for p in (job / "locks" / stage).glob("*.lock")
-                if not _lock_is_stale(p, STALE_LOCK_SECONDS)
-            }
+            {p.stem for p in (job / "locks" / stage).glob("*.lock") if not lock_is_stale(p)}
             if (job / "locks" / stage).is_dir()
             else set()
         )

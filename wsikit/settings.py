@@ -31,31 +31,45 @@ class MaskError(ValueError):
 
 
 #: Tissue-mask methods (implemented in :mod:`wsikit.tissue`) and tile readers (:mod:`wsikit.tiles`).
-MASK_METHODS = ("otsu",)
+MASK_METHODS = ("od", "otsu")
 READERS = ("auto", "native", "openslide", "tiffslide")
 #: Where JPEG tiles are decoded during extraction: measured (auto), CPU reading workers, or the GPU (nvJPEG).
 DECODES = ("auto", "cpu", "gpu")
+#: Mask settings whose default depends on the method (``None`` in :class:`MaskParams`: the method's).
+METHOD_DEFAULTS: dict[str, dict[str, float]] = {
+    "od": {"close_um": 64.0, "pen_min_um2": 20_000.0},
+    "otsu": {"close_um": 32.0, "pen_min_um2": 40_000.0},
+}
 
 
 @dataclass(frozen=True)
 class MaskParams:
-    """Tissue-mask settings; sizes are physical so they hold at any scan resolution."""
+    """Tissue-mask settings; sizes are physical so they hold at any scan resolution.
 
-    method: str = "otsu"
-    mpp: float = 8.0  # working resolution of the mask thumbnail, µm/px
-    channel: str = "saturation"  # "saturation" | "darkness" | "both"
-    min_saturation: int = 15  # floor of the saturation threshold (0–255): glass stays glass
-    max_saturation: int = 30  # cap: saturated ink, dye or blood must not push pale tissue out
+    ``od`` (the default) and ``otsu`` share the size settings; ``channel``, ``min/max_saturation``,
+    ``exclude_black/white``, ``black_max`` and ``white_min`` are ``otsu``'s only, ``min_od`` and
+    ``ink_grow_um`` are ``od``'s. ``MaskParams(method="otsu")`` is the earlier default exactly.
+    """
+
+    method: str = "od"
+    mpp: float = 8.0  # working resolution of the mask thumbnail, µm/px (coarsest used)
+    min_side_px: int = 128  # a finer working resolution when the slide's short side would be fewer px
+    finest_mpp: float = 1.0  # ... but never finer than this (nor than the slide)
+    min_od: float = 0.03  # od: floor of the optical-density threshold (summed over R, G, B)
+    channel: str = "saturation"  # otsu: "saturation" | "darkness" | "both"
+    min_saturation: int = 15  # otsu: floor of the saturation threshold (0–255): glass stays glass
+    max_saturation: int = 30  # otsu: cap, so saturated ink, dye or blood cannot push pale tissue out
     blur_um: float = 40.0  # median-blur kernel side
-    close_um: float = 32.0  # closing kernel (bridges small gaps)
+    close_um: float | None = None  # closing kernel (bridges gaps); od 64, otsu 32
     open_um: float = 16.0  # opening kernel (drops specks and thin lines)
     max_hole_um2: float = 20_000.0  # holes smaller than this are filled
     min_object_um2: float = 20_000.0  # tissue pieces smaller than this are dropped
-    exclude_pen: bool = True  # red / green / blue marker ink
-    pen_min_um2: float = 40_000.0  # ink blobs smaller than this are stain, not pen
+    exclude_pen: bool = True  # marker ink (od: blue, green, black, red; otsu: red, green, blue)
+    pen_min_um2: float | None = None  # ink smaller than this is stain, not pen; od 20,000, otsu 40,000
     pen_margin_um: float = 24.0  # ink's blurred rim, removed with it
-    exclude_black: bool = True  # near-black: max channel < black_max
-    exclude_white: bool = True  # near-white: min channel > white_min
+    ink_grow_um: float = 2000.0  # od: how far ink is followed over tissue from where it is unmistakable
+    exclude_black: bool = True  # otsu: near-black (max channel < black_max)
+    exclude_white: bool = True  # otsu: near-white (min channel > white_min)
     black_max: int = 40
     white_min: int = 230
 
@@ -66,11 +80,22 @@ class MaskParams:
             raise MaskError(f"mask channel {self.channel!r}: use saturation, darkness or both")
         if not 0.1 <= self.mpp <= 200:
             raise MaskError(f"mask working resolution {self.mpp} µm/px: use 0.1–200 (e.g. 8)")
+        if self.min_side_px < 0 or not 0.1 <= self.finest_mpp <= 200:
+            raise MaskError("mask min_side_px must be ≥ 0 and finest_mpp 0.1–200 µm/px (e.g. 128 and 1.0)")
+        for name, value in METHOD_DEFAULTS[self.method].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
 
     def px(self, um: float) -> int:
         """An odd kernel side in working pixels for ``um`` micrometres (0 when ``um`` is under a pixel)."""
         n = round(um / self.mpp)
         return 0 if n < 2 else n | 1
+
+    def at(self, mpp: float) -> MaskParams:
+        """The same settings at working resolution ``mpp``."""
+        if mpp == self.mpp:
+            return self
+        return MaskParams(**{**asdict(self), "mpp": mpp})
 
 
 def tile_specs(
@@ -85,7 +110,14 @@ def tile_specs(
     ``1.0/256/0`` (size and overlap defaulting to the first spec's)."""
     if mpp is not None and mag is not None:
         raise SettingsError("give --mpp or --mag, not both")
-    first = TileSpec.from_mag(mag, size, overlap) if mag else TileSpec(mpp or 0.5, size, overlap)
+    option, value = ("--mag", mag) if mag is not None else ("--mpp", mpp)
+    try:
+        if mag is not None:
+            first = TileSpec.from_mag(mag, size, overlap)
+        else:  # 0 is refused, never replaced by the default
+            first = TileSpec(0.5 if mpp is None else mpp, size, overlap)
+    except TilingError as exc:
+        raise SettingsError(f"{option} {value:g}: {str(exc).removeprefix('tile spec: ')}") from exc
     return [first, *(parse_spec(text, size, overlap) for text in more)]
 
 
@@ -117,6 +149,10 @@ class TileConfig:
 
     def key(self) -> str:
         """Fingerprint of what changes the outputs (a resumed run redoes slides done with other settings)."""
+        return fingerprint(self.settings())
+
+    def settings(self) -> dict[str, Any]:
+        """What changes the outputs, as plain data (what :meth:`key` fingerprints)."""
         settings = {
             "specs": [s.name for s in self.specs],
             "min_tissue": self.min_tissue,
@@ -128,7 +164,7 @@ class TileConfig:
         }
         if self.align_native:  # only when set, so earlier jobs keep their fingerprint
             settings["align_native"] = True
-        return fingerprint(settings)
+        return settings
 
 
 @dataclass(frozen=True)
@@ -136,6 +172,7 @@ class ExtractConfig:
     """Settings of an extraction run; ``key()`` fingerprints what changes the bags."""
 
     encoder: str = "resnet50-trunc"
+    embedding: str | None = None  # None: the encoder's own rule (wsikit.encoders.pooling)
     weights: Path | None = None
     pretrained: bool = True  # False: random initialisation from ``seed`` (weights_id "random:seed=N")
     seed: int = 0  # seeds random weights, so two runs encode with the same ones
@@ -174,6 +211,10 @@ class ExtractConfig:
 
     def key(self, weights_id: str, specs: Sequence[str]) -> str:
         """Fingerprint of what changes the bags (a resumed run redoes slides done with other settings)."""
+        return fingerprint(self.settings(weights_id, specs))
+
+    def settings(self, weights_id: str, specs: Sequence[str]) -> dict[str, Any]:
+        """What changes the bags, as plain data (what :meth:`key` fingerprints)."""
         settings = {
             "encoder": self.encoder,
             "weights_id": weights_id,
@@ -184,7 +225,9 @@ class ExtractConfig:
             "stain": hashlib.sha1(self.stain.read_bytes()).hexdigest() if self.stain else None,
             "multiscale": self.multiscale,
         }
-        return fingerprint(settings)
+        if self.embedding is not None:  # absent otherwise, so that earlier runs keep their fingerprint
+            settings["embedding"] = self.embedding
+        return settings
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ import errno
 import logging
 import math
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from wsikit.dicom import DicomError, series_volume
 from wsikit.io import first_line
 from wsikit.specs import MPP_TOLERANCE, mpp_to_mag, same_mpp
 from wsikit.tiles import LevelChoice, choose_level, read_area, resize
@@ -27,6 +29,9 @@ Backend = Literal["auto", "openslide", "tiffslide"]
 MPP_PLAUSIBLE = (0.05, 20.0)
 #: Longest plausible slide side in pixels (about 1 m at 0.25 µm/px); a header claiming more is damaged.
 MAX_SIDE_PX = 2**22
+#: Fewest file bytes per level-0 pixel of a scan over 1 Gpx: JPEG tissue takes ~0.5 B/px, so even a slide of
+#: 1% tissue holds ~5e-3; a header claiming far more pixels than its bytes can hold is damaged or synthetic.
+MIN_BYTES_PER_PX = 1e-4
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _TIFF_CHAIN_ERRORS = ("invalid page offset", "corrupted tag list", "invalid offset to page")
 _UNIT_TO_UM = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "millimeter": 1e3, "mm": 1e3, "micrometer": 1.0}
@@ -112,6 +117,11 @@ def _tiff_damage(path: Path, size: int) -> str | None:
                 needed = math.prod(int(c) for c in page.chunked)
                 if offsets.size < needed:
                     return f"page {i} claims {w}x{h} px but holds {offsets.size} of its {needed} tiles; the header is damaged"
+                if i == 0 and w * h > 2**30 and size / (w * h) < MIN_BYTES_PER_PX:
+                    return (
+                        f"claims {w}x{h} px ({w * h / 1e9:.1f} Gpx) in {size / 1e3:.0f} KB ({size / (w * h):.1g} "
+                        "bytes/px, far below any scan); the header is damaged or the image is synthetic"
+                    )
                 end = int((offsets.astype(np.int64) + counts).max(initial=0))
                 if end > size:
                     return (
@@ -151,9 +161,15 @@ class Slide:
 
     # -- opening ---------------------------------------------------------------------------------------
     def _open(self) -> None:
+        if self.path.is_dir():  # a DICOM-WSI series: OpenSlide opens it through one of its files
+            try:
+                self.path = series_volume(self.path)
+            except DicomError as exc:
+                raise SlideError(str(exc)) from exc
         path = self.path
         try:
-            size = path.stat().st_size
+            st = path.stat()
+            size = st.st_size
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise SlideError(f"{path}: symbolic link loop; point the link at the slide file") from exc
@@ -162,8 +178,11 @@ class Slide:
                     f"{path}: broken symbolic link to {os.readlink(path)}; point it at the slide file"
                 ) from exc
             raise SlideError(f"{path}: no such file ({exc.strerror}); check the path") from exc
-        if path.is_dir():
-            raise SlideError(f"{path}: is a directory, not a slide file; give the slide file inside it")
+        if not stat.S_ISREG(st.st_mode):
+            kind = (
+                "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device"
+            )
+            raise SlideError(f"{path}: not a regular file (a {kind}); give the slide file")
         if not os.access(path, os.R_OK):
             raise SlideError(f"{path}: not readable (permission denied); fix the file's permissions")
         if size == 0:
@@ -375,10 +394,14 @@ class Slide:
 
 
 def _to_rgb(arr: np.ndarray) -> np.ndarray:
-    """RGBA/RGB/grey → RGB uint8, compositing transparent pixels on white."""
+    """RGBA/RGB/grey (8 or 16 bit) → RGB uint8, compositing transparent pixels on white."""
     if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.dtype != np.uint8:
+        arr = arr[..., None]
+    if arr.shape[2] in (1, 2):  # grey, grey + alpha
+        arr = arr[..., [0, 0, 0, 1][: arr.shape[2] + 2]]
+    if arr.dtype == np.uint16:  # full 16-bit range onto 8 bits, as OpenSlide does
+        arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    elif arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
     if arr.shape[2] == 4:
         alpha = arr[..., 3:4].astype(np.uint32)
@@ -398,8 +421,13 @@ def _open_openslide(path: Path):
 def _open_tiffslide(path: Path):
     import tiffslide
 
-    handle = tiffslide.TiffSlide(str(path))
-    handle.dimensions  # noqa: B018 - forces the first page to be parsed so broken files fail here
+    log, records = logging.getLogger("tifffile"), _Records()
+    log.addHandler(records)  # tifffile logs a broken file to stderr before failing: its error is reported
+    try:
+        handle = tiffslide.TiffSlide(str(path))
+        handle.dimensions  # noqa: B018 - forces the first page to be parsed so broken files fail here
+    finally:
+        log.removeHandler(records)
     return handle
 
 

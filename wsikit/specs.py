@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 #: Relative tolerance within which two resolutions count as the same (0.499 vs 0.5 µm/px).
 MPP_TOLERANCE = 0.05
+#: Target resolutions a tile spec accepts, µm/px (the slide layer's plausible range: 200x … 0.5x).
+TARGET_MPP_RANGE = (0.05, 20.0)
 
 
 class TilingError(ValueError):
@@ -28,8 +30,8 @@ class TilingError(ValueError):
 
 def mag_to_mpp(magnification: float) -> float:
     """Convert an objective magnification to µm/px by wsikit's convention (10 / magnification)."""
-    if magnification <= 0:
-        raise ValueError(f"magnification must be positive, got {magnification}")
+    if not magnification > 0:
+        raise TilingError(f"magnification must be > 0 (e.g. 20 for 0.5 µm/px), got {magnification:g}")
     return 10.0 / magnification
 
 
@@ -63,7 +65,12 @@ class TileSpec:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.mpp) and self.mpp > 0):
-            raise TilingError(f"tile spec: mpp must be a positive number of µm/px, got {self.mpp!r}")
+            raise TilingError(f"tile spec: mpp must be a positive number of µm/px, got {self.mpp:g}")
+        lo, hi = TARGET_MPP_RANGE
+        if not lo <= self.mpp <= hi:  # checked before rounding, so the message shows what was given
+            raise TilingError(
+                f"tile spec: {self.mpp:g} µm/px is outside {lo:g}–{hi:g} µm/px (0.25 ≈ 40x, 0.5 ≈ 20x, 1.0 ≈ 10x)"
+            )
         if int(self.size) != self.size or self.size < 1:
             raise TilingError(f"tile spec: size must be a positive integer (px), got {self.size!r}")
         if int(self.overlap) != self.overlap or not 0 <= self.overlap < self.size:
@@ -122,7 +129,7 @@ def parse_spec(text: str, size: int = 256, overlap: int = 0) -> TileSpec:
         return TileSpec(float(res.removeprefix("mpp")), size_, overlap_)
     except ValueError as exc:
         if isinstance(exc, TilingError):
-            raise
+            raise TilingError(f"tile spec {text!r}: {str(exc).removeprefix('tile spec: ')}") from exc
         raise TilingError(
             f"tile spec {text!r}: expected RESOLUTION[/SIZE[/OVERLAP]], e.g. 20x/256/0 or 0.5/224"
         ) from exc

@@ -30,6 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from wsikit import __version__
 from wsikit.grids import TileGrid
 from wsikit.native import NativeFile
 from wsikit.slide import Slide
@@ -203,8 +204,6 @@ def tile_slide(
 
     ``mask`` None keeps every tile (tissue fraction 1). See :func:`build_grids` for the rules.
     """
-    from wsikit import __version__
-
     mpp0 = slide.mpp0
     dims = slide.dimensions
     built = build_grids(

@@ -3,7 +3,7 @@
 peers' layouts (:mod:`~wsikit.bags.export`). Needs only numpy, h5py and zarr (torch only for ``.pt`` files).
 """
 
-from wsikit.bags.export import EXPORT_LAYOUTS, export_bag, export_bags
+from wsikit.bags.export import EXPORT_LAYOUTS, export_bag, export_bags, require_positions
 from wsikit.bags.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -35,5 +35,6 @@ __all__ = [
     "open_features",
     "read_bag",
     "read_bag_shape",
+    "require_positions",
     "write_bag",
 ]

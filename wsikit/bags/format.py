@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from wsikit import __version__
+
 FORMAT_NAME = "wsikit-bag"
 FORMAT_VERSION = 1
 
@@ -70,8 +72,6 @@ def bag_path(
 
 def new_attrs(**fields: Any) -> dict[str, Any]:
     """Root attributes every wsikit bag carries (format, version, wsikit version, creation time) + ``fields``."""
-    from wsikit import __version__
-
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

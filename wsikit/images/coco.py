@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsikit.images.data import read_image
+
 IOU_THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)
 
 
@@ -92,8 +94,6 @@ class CocoDataset(torch.utils.data.Dataset):
         return len(self.coco.images)
 
     def image(self, i: int) -> np.ndarray:
-        from wsikit.images.data import read_image
-
         path = self.coco.root / self.coco.images[i]["file_name"]
         if not path.is_file():
             raise DetectError(f"{self.coco.source}: image {path} does not exist; pass --images <folder>")

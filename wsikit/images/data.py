@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from wsikit.io import read_table
+from wsikit.splits import Fold, SplitError, assert_no_leak, patient_kfold
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -357,8 +358,6 @@ def split_set(
     column) keeps it, with a warning if a patient crosses it; a set without ``val`` gets one carved
     out of ``train``. Otherwise a new stratified split, patient-level whenever patient ids exist.
     """
-    from wsikit.splits import Fold, SplitError, assert_no_leak, patient_kfold
-
     _require_classes(data)
     k = max(2, round(1.0 / val_fraction))
     if data.split is not None and (data.split == "train").any():
@@ -387,8 +386,6 @@ def kfold_set(data: ImageSet, k: int, seed: int = 0, test_fraction: float = 0.0,
     A predefined ``test`` split stays the test set of every fold; otherwise ``test_fraction`` of the
     patients is held out.
     """
-    from wsikit.splits import patient_kfold
-
     _require_classes(data)
     test_idx = None
     if data.split is not None and (data.split == "test").any():

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsikit.encoders.build import get_encoder
 from wsikit.images.coco import CocoDataset, CocoSet, DetectError, coco_map, collate
 from wsikit.io import atomic_path, jsonable, write_json
 from wsikit.runtime import read_config_checkpoint, save_checkpoint
@@ -114,8 +115,6 @@ def build_detector(cfg: DetectorConfig, pretrained: bool = True, device: str = "
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops import MultiScaleRoIAlign
-
-    from wsikit.encoders import get_encoder
 
     if cfg.arch not in ARCHS:
         raise DetectError(f"architecture {cfg.arch!r}: use one of {', '.join(ARCHS)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from wsikit import metrics as M
 from wsikit.images.augment import Augment, normalize
 from wsikit.images.data import ImageSet
+from wsikit.images.gradcam import gradcam, save_gradcam_grid
 from wsikit.images.models import Classifier, load_classifier
 from wsikit.images.settings import ModelConfig
 from wsikit.io import atomic_path
@@ -117,6 +119,44 @@ def probabilities(logits: np.ndarray, multilabel: bool, temperature: float = 1.0
     return 1.0 / (1.0 + np.exp(-z)) if multilabel else M.softmax_t(z)
 
 
+# -- which images to score -----------------------------------------------------------------------------
+def scoring_split(
+    data: ImageSet, split: str | None = None, include_training: bool = False, where: str = "the data"
+) -> tuple[ImageSet, str, list[str]]:
+    """The images to score, their name and notes to show. Data with splits: ``test`` by default (said in a
+    note); ``all`` or ``train`` score training images only with ``include_training`` (and a warning note:
+    if they trained the model, the scores are optimistic). Data without splits: every image."""
+    if data.split is None:
+        if split not in (None, "all"):
+            raise EvaluateError(f"{where}: has no split column/folders; drop --split")
+        return data, "eval", []
+    names = list(dict.fromkeys(str(s) for s in data.split))
+    if split is None:
+        if "test" not in names:
+            raise EvaluateError(f"{where}: has splits {', '.join(names)} but no test split; pass --split")
+        split, note = (
+            "test",
+            f"scoring split 'test' ({int((data.split == 'test').sum())} of {len(data)} images); --split all scores every split",
+        )
+    else:
+        note = ""
+    if split != "all" and split not in names:
+        raise EvaluateError(f"{where}: no split {split!r}; it has {', '.join(names)} (or --split all)")
+    chosen = data if split == "all" else data.subset(np.flatnonzero(data.split == split))
+    training = int((chosen.split == "train").sum())
+    if training and not include_training:
+        raise EvaluateError(
+            f"{where}: --split {split} scores {training} images of the 'train' split; if they trained this model "
+            "the scores are optimistic. Score --split test, or pass --include-training-images to do it anyway"
+        )
+    notes = [note] if note else []
+    if training:
+        notes.append(
+            f"{training} of these {len(chosen)} images are the data's training split: if they trained this model, the scores are optimistic"
+        )
+    return chosen, "eval" if split == "all" else split, notes
+
+
 # -- evaluation ----------------------------------------------------------------------------------------
 def evaluate_logits(
     logits: np.ndarray, data: ImageSet, temperature: float = 1.0, threshold: Any = None, n_boot: int = 0
@@ -140,10 +180,27 @@ def evaluate_logits(
     out.update(temperature=temperature, ece_uncalibrated=M.expected_calibration_error(raw, data.labels),
                nll_uncalibrated=M.nll(raw, data.labels))  # fmt: skip
     if n_boot:
+        _warn_small_sample(data)
         out["auroc_ci"] = M.bootstrap_ci(data.labels, probs, n=n_boot)
         bal = lambda y, p: M.evaluate_predictions(y, p, threshold=threshold)["balanced_accuracy"]  # noqa: E731
         out["balanced_accuracy_ci"] = M.bootstrap_ci(data.labels, probs, bal, n=min(n_boot, 300))
     return out
+
+
+#: Fewer images than this in the smaller class: bootstrap CIs of AUROC say little (and can read [1, 1]).
+MIN_CI_CASES = 10
+
+
+def _warn_small_sample(data: ImageSet) -> None:
+    counts = np.bincount(np.asarray(data.labels, np.int64), minlength=data.n_classes)
+    if len(data) and counts.min() < MIN_CI_CASES:
+        per = ", ".join(f"{n} {c}" for n, c in zip(counts.tolist(), data.class_names, strict=True))
+        warnings.warn(
+            f"confidence intervals from {len(data)} images ({per}) say little: fewer than {MIN_CI_CASES} in a "
+            "class; score more images",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def evaluate_classifier(
@@ -235,8 +292,6 @@ def gradcam_sample(
     probs: np.ndarray,
 ) -> Path:
     """Grad-CAM for ``n`` images spread over the classes (predicted class), one PNG grid."""
-    from wsikit.images.gradcam import gradcam, save_gradcam_grid
-
     rng = np.random.default_rng(0)
     labels = data.labels if not data.multilabel else data.labels.argmax(1)
     per_class = [rng.permutation(np.flatnonzero(labels == k)).tolist() for k in range(mcfg.n_classes)]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsikit.encoders.build import get_encoder
 from wsikit.images.settings import ModelConfig
 from wsikit.runtime import read_config_checkpoint, save_checkpoint
 
@@ -84,8 +85,6 @@ def build_classifier(
     cfg: ModelConfig, pretrained: bool = True, weights: str | os.PathLike | None = None, device: str = "cpu"
 ) -> Classifier:
     """Encoder ``cfg.encoder`` from the registry + head; fills ``cfg``'s preprocessing and weights id."""
-    from wsikit.encoders import get_encoder
-
     enc = get_encoder(cfg.encoder, weights=weights, pretrained=pretrained)
     backbone = enc.model
     backbone.requires_grad_(True)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from wsikit.bags import open_features
+from wsikit.bags import iter_bags, open_features, read_bag
 from wsikit.io import first_line, jsonable, read_table
 
 PROVENANCE_KEYS = (
@@ -184,8 +184,6 @@ def find_bags(
             names = ", ".join(f"{p.parent.name}/{p.name}" for p in combos)
             raise DataError(f"{root}: several bag sets ({names}); choose one with --spec and --encoder")
         root = combos[0]
-    from wsikit.bags import iter_bags
-
     bags: dict[str, Path] = {}
     for p in iter_bags(root):
         bags.setdefault(p.stem, p)
@@ -358,8 +356,6 @@ def check_training_data(table: LabelsTable, paths: Sequence[Path]) -> BagReport:
 
 def bag_provenance(paths: Sequence[Path], source: str | os.PathLike | None = None) -> dict[str, Any]:
     """What produced the bags (encoder, tile spec, stain, ...) from the first bag's attributes."""
-    from wsikit.bags import read_bag
-
     bag = read_bag(paths[0])
     attrs = {**bag.coords_attrs, **bag.attrs}
     kept = {k: jsonable(v) for k, v in attrs.items() if k in PROVENANCE_KEYS or k.startswith("encoder")}
@@ -399,8 +395,6 @@ class BagDataset(Dataset):
         return len(self.paths)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        from wsikit.bags import read_bag
-
         bag = read_bag(self.paths[i])
         return np.asarray(bag.features), np.asarray(bag.coords)
 

@@ -105,7 +105,7 @@ class Runtime:
         }
 
     def zeros(self, n: int) -> torch.Tensor:
-        size = self.encoder.input_size
+        size = self.encoder.read_size
         return torch.zeros((n, size, size, 3), dtype=torch.uint8, device=self.device)
 
     def synchronize(self) -> None:
@@ -221,7 +221,7 @@ def slide_stain(runtime: Runtime, stain: Any, slide: Slide, grid: TileGrid, n_sa
     """``stain`` (a fitted normalizer, or None) estimated on the slide's own tiles."""
     if stain is None:
         return None
-    sample = stain_sample(slide, grid, n_sample, runtime.encoder.input_size)
+    sample = stain_sample(slide, grid, n_sample, runtime.encoder.read_size)
     return stain.for_slide(sample.to(runtime.device)) if len(sample) else stain
 
 
@@ -286,7 +286,7 @@ def measure_decode(
     if gpu_decode_error() is not None:
         return cpu, 0.0
     t0 = time.perf_counter()
-    resize_batch(decode_jpeg_batch(streams, runtime.device), runtime.encoder.input_size)
+    resize_batch(decode_jpeg_batch(streams, runtime.device), runtime.encoder.read_size)
     runtime.synchronize()
     return cpu, len(whole) / (time.perf_counter() - t0)
 

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from wsikit.bags import bag_path
-from wsikit.grids import TileGrid, grid_length, grid_path, read_grid
-from wsikit.jobs import BatchSummary, SlideEntry, claim_slide, pending_slides, release_lock
+from wsikit.grids import TileGrid, grid_inputs, grid_length, grid_path, read_grid
+from wsikit.jobs import BatchSummary, SlideEntry, claim_slide, pending_slides
+from wsikit.locks import release_lock
 from wsikit.slide import open_slide
 from wsikit.specs import spec_key
 from wsikit.stages.encode import (
@@ -177,16 +178,19 @@ class Planner:
 
     def _plan(self, entry: SlideEntry) -> None:
         eng = self.engine
-        state, lock = claim_slide(eng.stage, entry, eng.job, eng.overwrite, eng.retry_failed, eng.outdated)
-        if lock is None:
-            getattr(self.summary, state).append(entry.slide_id)
+        claim = claim_slide(
+            eng.stage, entry, eng.job, eng.overwrite, eng.retry_failed, eng.outdated, eng.inputs
+        )
+        if claim.lock is None:
+            claim.settle(self.summary, entry.slide_id)
             if entry.slide_id in self.counts:  # counted as to do: it is not ours after all
                 eng.progress.slides_total -= 1
                 eng.progress.tiles_total -= self.counts.pop(entry.slide_id)
             if eng.callbacks.on_end:
                 eng.callbacks.on_end(entry, None)
             return
-        work = SlideWork(self.new_key(), entry, lock, time.perf_counter())
+        lock = claim.lock
+        work = SlideWork(self.new_key(), entry, lock, time.perf_counter(), claim.inputs)
         handed = False
         try:
             try:
@@ -223,6 +227,7 @@ class Engine:
         self.stage = extractor.stage
         key = self.cfg.key(self.runtime.encoder.weights_id, self.specs)
         self.outdated = lambda previous: previous.info.get("settings") != key
+        self.inputs = lambda e: grid_inputs(job, self.specs, e.slide_id)  # a re-tiled slide is redone
         self.encoding = Encoding(self.runtime, extractor.batch_size)
         self.decode: DecodeChoice | None = None
         if self.cfg.decode != "auto" or self.runtime.device.type != "cuda":
@@ -250,8 +255,11 @@ class Engine:
         described = enc.describe()
         for grid in grids:
             dest = bag_path(self.job, grid.spec.name, enc.name, work.entry.slide_id, cfg.fmt)
-            attrs = bag_attrs(grid, work.slide_path, self.runtime.describe(), described, stain, cfg)
-            work.grids.append(GridWork(self.planner.new_key(), work, grid, dest, attrs))  # type: ignore[union-attr]
+            tile_mpp = grid.effective_mpp or grid.spec.mpp
+            seen = enc.input_mpp(tile_mpp, grid.spec.size)
+            attrs = bag_attrs(grid, work.slide_path, self.runtime.describe(), described, stain, cfg, seen)
+            off = enc.resolution_warning(tile_mpp, grid.spec.size, grid.spec.name)
+            work.grids.append(GridWork(self.planner.new_key(), work, grid, dest, attrs, off))  # type: ignore[union-attr]
         work.info = {
             "tiles": {}, "skipped": {}, "tiles_per_s": {}, "seconds": {},
             "runtime": self.runtime.describe(), "reader": cfg.reader, "decode": self.decode.where,
@@ -264,7 +272,7 @@ class Engine:
     def _measure_decode(self, slide: Any, grid: TileGrid) -> DecodeChoice:
         """``--decode auto`` on a GPU: CPU workers or nvJPEG, measured once on the run's first slide."""
         source = TileSource(
-            slide, grid.coords[:256], grid.size_level0, self.runtime.encoder.input_size, self.cfg.reader
+            slide, grid.coords[:256], grid.size_level0, self.runtime.encoder.read_size, self.cfg.reader
         )
         try:
             rates = measure_decode(source, self.runtime, self.x.workers)
@@ -278,7 +286,7 @@ class Engine:
         work, grid, chunk = gw.slide, gw.grid, self.encoding.batch_size
         ship = self.decode is not None and self.decode.where == "gpu"
         step = chunk * SEGMENT_CHUNKS
-        common = (grid.size_level0, self.runtime.encoder.input_size, work.slide_path, work.entry.slide_id)
+        common = (grid.size_level0, self.runtime.encoder.read_size, work.slide_path, work.entry.slide_id)
         tail = (grid.slide_mpp, self.cfg.backend, self.cfg.reader, ship, chunk)
         return [
             Segment(work.key, gw.key, i, lo, grid.coords[lo : lo + step], *common, *tail)  # type: ignore[arg-type]
@@ -315,7 +323,9 @@ class Engine:
 
     def _counts(self, entries: Sequence[SlideEntry]) -> dict[str, int]:
         """Tiles of each slide to do (for progress totals)."""
-        todo = pending_slides(self.stage, entries, self.job, self.overwrite, self.retry_failed, self.outdated)
+        todo = pending_slides(
+            self.stage, entries, self.job, self.overwrite, self.retry_failed, self.outdated, self.inputs
+        )
         return {
             e.slide_id: sum(grid_length(grid_path(self.job, s, e.slide_id)) for s in self.specs) for e in todo
         }
@@ -365,7 +375,7 @@ class Engine:
         failed = [(int(index[i]), chunk.errors[i]) for i in np.nonzero(~ok)[0]]
         pixels = None
         if ok.any():
-            pixels = assemble_batch(chunk.batch, self.runtime.encoder.input_size, self.runtime.device)  # type: ignore[arg-type]
+            pixels = assemble_batch(chunk.batch, self.runtime.encoder.read_size, self.runtime.device)  # type: ignore[arg-type]
             pixels = pixels if ok.all() else pixels[torch.from_numpy(ok).to(pixels.device)]
         self.parts["decode"] += time.perf_counter() - t
         return Part(gw, chunk.start, chunk.start + n, index[ok], failed, pixels)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsikit.encoders import Encoder, get_encoder
-from wsikit.grids import grid_path, list_specs, read_grid
+from wsikit.claims import claim_extraction
+from wsikit.encoders.build import Encoder, get_encoder
+from wsikit.grids import grid_path, list_specs, read_grid, tiled_specs
 from wsikit.jobs import JobError, SlideEntry, Status, read_status
 from wsikit.runtime import (
     default_workers,
@@ -78,8 +79,9 @@ def job_slides(job_dir: str | os.PathLike, specs: Sequence[str]) -> list[SlideEn
         {p.stem for p in (job / "tiles" / s).glob("*.h5") if not p.name.startswith(".")} for s in specs
     ]
     ids = set.intersection(*per_spec) if per_spec else set()
-    if (job / "status" / "tile").is_dir():
-        ids = {i for i in ids if (st := read_status(job, "tile", i)) is not None and st.state == "done"}
+    if (job / "status" / "tile").is_dir():  # tiled, and at these specs by its current tiling
+        ids = {i for i in ids if (st := read_status(job, "tile", i)) is not None and st.state == "done"
+               and set(specs) <= set(st.info.get("specs", specs))}  # fmt: skip
     entries = []
     for slide_id in sorted(ids):
         path = grid_path(job, specs[0], slide_id)
@@ -94,8 +96,8 @@ def resolve_specs(job_dir: str | os.PathLike, names: Sequence[str]) -> list[str]
         raise ExtractError(
             f"{job_dir}: no tiles/ folder with coordinates; run `wsikit tile --out {job_dir}` first"
         )
-    if not names:
-        return available
+    if not names:  # stale folders of an earlier tiling are named by the CLI (wsikit.grids.tiled_specs)
+        return tiled_specs(job_dir)[0] or available
     missing = [n for n in names if n not in available]
     if missing:
         raise ExtractError(
@@ -141,7 +143,7 @@ class Extractor:
         dev = resolve_device(device or cfg.device)
         set_threads(cpus if dev.type == "cpu" else None if cpus is None else 1)
         seed = None if cfg.pretrained or cfg.weights is not None else cfg.seed
-        enc = encoder or get_encoder(cfg.encoder, cfg.weights, cfg.pretrained, dev, seed=seed)
+        enc = encoder or get_encoder(cfg.encoder, cfg.weights, cfg.pretrained, dev, cfg.embedding, seed=seed)
         enc.model.to(dev)
         channels_last = prepare_model(enc, cfg.channels_last, cfg.compile)
         autocast = resolve_precision(cfg.precision, dev, enc.precision)
@@ -185,9 +187,10 @@ class Extractor:
         stop: Callable[[], bool] | None = None,
     ) -> ExtractSummary:
         """Extract every slide with run_batch semantics (skip done, locks, failure records); a slide done
-        with other settings is redone. Once ``stop()`` is true no further slide is claimed (those in
+        with other settings, or whose grids changed since (re-tiled), is redone. Once ``stop()`` is true no further slide is claimed (those in
         flight are finished)."""
         callbacks = Callbacks(on_start, on_end, on_tiles, on_progress)
+        claim_extraction(job_dir, self.stage, self.cfg, self.runtime.encoder.weights_id, specs, overwrite)
         engine = Engine(self, Path(job_dir), specs, overwrite, retry_failed, callbacks, stop)
         summary = engine.run(entries)
         summary.build_seconds = self.build_seconds

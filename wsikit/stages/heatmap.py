@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from wsikit.bags import read_bag
+from wsikit.bags import BagError, read_bag, require_positions
 from wsikit.io import write_png, write_text
 from wsikit.jobs import BatchSummary, SlideEntry, StageResult, run_batch
 from wsikit.mil.evaluate import fold_dirs, load_checkpoint
@@ -255,6 +255,10 @@ def model_tile_scores(
     bag = read_bag(bag_path)
     if len(bag) == 0:
         raise HeatmapError(f"{bag_path}: the bag has no tiles")
+    try:
+        require_positions(bag, str(bag_path), "a heatmap")
+    except BagError as exc:
+        raise HeatmapError(str(exc)) from exc
     dev = resolve_device(device)
     folds = [load_checkpoint(d, dev) for d in fold_dirs(model_dir)]
     if bag.dim != folds[0].spec.in_dim:

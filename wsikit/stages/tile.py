@@ -21,6 +21,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from wsikit.claims import claim_settings
+from wsikit.config import fingerprint
 from wsikit.grids import TileGrid, grid_path, list_specs, write_grid
 from wsikit.io import atomic_path, clear_stale_temps, write_png
 from wsikit.jobs import BatchSummary, SlideEntry, StageResult, Status, run_batch
@@ -28,9 +30,9 @@ from wsikit.runtime import allotted_cpus
 from wsikit.settings import TileConfig
 from wsikit.slide import Slide, open_slide
 from wsikit.specs import TileSpec, TilingError, same_mpp
-from wsikit.tiles import TileSource
+from wsikit.tiles import TileSource, choose_level
 from wsikit.tiling import align_specs_to_native, tile_slide
-from wsikit.tissue import TissueMask, compute_mask, mask_from_geojson, qc_image, write_geojson
+from wsikit.tissue import TissueMask, compute_mask, mask_from_geojson, qc_image, working_mpp, write_geojson
 
 STAGE = "tile"
 
@@ -128,11 +130,11 @@ def _specs_for(slide: Slide, cfg: TileConfig) -> tuple[list[TileSpec], list[str]
     return specs, warnings
 
 
-def _mask_for(slide: Slide, cfg: TileConfig, thumb: np.ndarray) -> tuple[TissueMask, str]:
-    """The slide's mask: the user's GeoJSON (``cfg.geojson_dir``) when there is one, else computed."""
+def _mask_for(slide: Slide, cfg: TileConfig, thumb: np.ndarray, mpp: float) -> tuple[TissueMask, str]:
+    """The slide's mask at ``mpp``: the user's GeoJSON (``cfg.geojson_dir``) when there is one, else computed."""
     user = cfg.geojson_dir / f"{slide.slide_id}.geojson" if cfg.geojson_dir else None
     if user is not None and user.is_file():
-        return mask_from_geojson(user, slide.dimensions, slide.mpp0, cfg.mask.mpp), str(user)
+        return mask_from_geojson(user, slide.dimensions, slide.mpp0, mpp), str(user)
     return compute_mask(slide, cfg.mask, thumb), "computed"
 
 
@@ -189,7 +191,12 @@ def _info(
         },
         "tissue_fraction": round(mask.fraction, 5),
         "tissue_area_mm2": round(mask.area_um2 / 1e6, 4),
+        "ink_fraction": round(mask.ink_fraction, 5),
+        "ink_area_mm2": round(mask.ink_area_um2 / 1e6, 4),
+        "ink_colours": mask.ink_colours,
         "mask_source": source,
+        "mask_method": mask.method,
+        "mask_mpp": round(mask.mpp, 4),
         "mask_threshold": mask.threshold,
         "slide_mpp": slide.mpp0,
         "dimensions": list(slide.dimensions),
@@ -197,20 +204,49 @@ def _info(
     }
 
 
-def tile_one(entry: SlideEntry, job_dir: str | os.PathLike, cfg: TileConfig) -> StageResult:
-    """Mask and tile one slide into ``job_dir``: GeoJSON, QC picture, one coordinates file per spec."""
+#: Pixels of the level the mask thumbnail is read from above which that read takes minutes (said first).
+SLOW_MASK_READ_PX = 2 * 10**9
+
+
+def slow_mask_note(slide: Slide, mask_mpp: float) -> str | None:
+    """What a slide without a coarse enough pyramid level costs the mask (said before the read), or None."""
+    level = choose_level(slide.level_downsamples, mask_mpp / slide.mpp0).level
+    w, h = slide.level_dimensions[level]
+    if w * h < SLOW_MASK_READ_PX:
+        return None
+    return (
+        f"{slide.path}: no pyramid level near the mask's {mask_mpp:g} µm/px: reading all {w * h / 1e9:.1f} Gpx of "
+        f"level {level} for the tissue mask takes minutes; add a pyramid (e.g. `vips tiffsave in.tif out.tif "
+        "--tile --pyramid --compression jpeg`) or give masks (--masks)"
+    )
+
+
+def tile_one(
+    entry: SlideEntry,
+    job_dir: str | os.PathLike,
+    cfg: TileConfig,
+    on_note: Callable[[str], None] | None = None,
+) -> StageResult:
+    """Mask and tile one slide into ``job_dir``: GeoJSON, QC picture, one coordinates file per spec.
+    ``on_note`` hears, before they start, reads that will take minutes."""
     job = Path(job_dir)
     clock = _Clock()
     with open_slide(entry.path, backend=cfg.backend, mpp=entry.mpp, slide_id=entry.slide_id) as slide:  # type: ignore[arg-type]
         specs, warnings = _specs_for(slide, cfg)
-        thumb = slide.thumbnail(mpp=cfg.mask.mpp)
+        mask_mpp = working_mpp(slide, cfg.mask)  # finer than cfg.mask.mpp on small slides
+        if (note := slow_mask_note(slide, mask_mpp)) is not None:
+            warnings.append(note)
+            if on_note:
+                on_note(note)
+        thumb = slide.thumbnail(mpp=mask_mpp)
         clock.lap("thumbnail")
-        mask, source = _mask_for(slide, cfg, thumb)
+        mask, source = _mask_for(slide, cfg, thumb, mask_mpp)
         clock.lap("mask")
         if mask.empty:
             warnings.append(
-                f"EMPTY MASK: no tissue found ({source}, {cfg.mask.method} at {cfg.mask.mpp:g} µm/px); "
-                "check the QC picture, try --mask-channel both or supply an edited GeoJSON (--masks DIR)"
+                f"EMPTY MASK: no tissue found ({source}, {cfg.mask.method} at {mask.mpp:.3g} µm/px); "
+                "check the QC picture (excluded ink is hatched), try --no-pen or --mask-method otsu, "
+                "or supply an edited GeoJSON (--masks DIR)"
             )
         grids = tile_slide(slide, specs, mask, cfg.min_tissue, cfg.align, cfg.complete_parents)
         for grid in grids:
@@ -251,22 +287,30 @@ def run_tiling(
     retry_failed: bool = False,
     on_start: Callable[[SlideEntry], None] | None = None,
     on_end: Callable[[SlideEntry, Status | None], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> BatchSummary:
     """Tile every slide with :func:`jobs.run_batch` semantics (resume, locks, failure records).
 
-    A slide already done with other settings (specs, threshold, mask settings…), or whose user
-    GeoJSON changed since, is redone.
+    The job holds one set of tile settings (:func:`wsikit.claims.claim_settings`): a run with other
+    settings is refused unless ``overwrite``. A slide done with other settings, or whose user GeoJSON
+    changed since, is redone; so is a failed slide given another MPP override (``entry.mpp``).
     """
     key = cfg.key()
+    claim_settings(job_dir, STAGE, key, cfg.settings(), overwrite)
 
     def outdated(previous: Status) -> bool:
         return previous.info.get("settings") != key or previous.info.get(
             "user_mask_sha1"
         ) != _user_mask_digest(cfg, previous.slide_id)
 
+    def inputs(entry: SlideEntry) -> str:  # a failed slide given the MPP its error asked for is retried
+        return fingerprint(
+            {"settings": key, "slide_mpp": entry.mpp, "mask": _user_mask_digest(cfg, entry.slide_id)}
+        )
+
     summary = run_batch(
-        STAGE, entries, lambda e: tile_one(e, job_dir, cfg), job_dir, overwrite, retry_failed, on_start, on_end,
-        outdated,
+        STAGE, entries, lambda e: tile_one(e, job_dir, cfg, on_note), job_dir, overwrite, retry_failed, on_start, on_end,
+        outdated, inputs,
     )  # fmt: skip
     if cfg.save_tiles:
         for name in list_specs(job_dir):  # with --align-native a slide's spec names may differ

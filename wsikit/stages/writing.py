@@ -22,7 +22,8 @@ import torch
 from wsikit.bags import BagWriter, bag_path, join_context, new_attrs, read_bag, write_bag
 from wsikit.grids import TileGrid
 from wsikit.io import clear_stale_temps
-from wsikit.jobs import BatchSummary, JobError, SlideEntry, StageResult, Status, record_slide, release_lock
+from wsikit.jobs import BatchSummary, JobError, SlideEntry, StageResult, Status, record_slide
+from wsikit.locks import release_lock
 from wsikit.settings import ExtractConfig
 from wsikit.stages.encode import ExtractError
 
@@ -37,6 +38,7 @@ class SlideWork:
     entry: SlideEntry
     lock: Path
     t0: float
+    inputs: str | None = None  # fingerprint of the slide's grids, kept in its record
     grids: list[GridWork] = field(default_factory=list)
     slide_path: Path | None = None
     before: tuple[int, int, int] | None = None  # (inode, size, mtime) when reading began
@@ -57,11 +59,13 @@ class GridWork:
     grid: TileGrid
     dest: Path
     attrs: dict[str, Any]
+    off_resolution: str | None = None  # the warning when the encoder sees another µm/px than it expects
     next: int = 0  # grid index up to which rows are written (or skipped)
     pending: dict[int, tuple] = field(default_factory=dict)  # lo -> (hi, ok rows, failed, features)
     skipped: list[tuple[int, int, str]] = field(default_factory=list)
     bag: BagWriter | None = None
     t_first: float | None = None  # when its first tiles reached the engine
+    seconds: float = 0.0  # from its first tiles to its bag in place
 
 
 @dataclass
@@ -85,8 +89,8 @@ def file_state(path: Path | None) -> tuple[int, int, int] | None:
 
 
 def bag_attrs(grid: TileGrid, slide_path: Path, runtime: dict[str, Any], encoder: dict[str, Any],
-              stain: dict[str, Any] | None, cfg: ExtractConfig) -> dict[str, Any]:  # fmt: skip
-    """A bag's attributes (docs/feature-bag.md)."""
+              stain: dict[str, Any] | None, cfg: ExtractConfig, input_mpp: float | None) -> dict[str, Any]:  # fmt: skip
+    """A bag's attributes (docs/feature-bag.md); ``input_mpp``: µm/px of the pixels the model saw."""
     return new_attrs(
         slide_id=grid.slide_id,
         slide_path=str(slide_path),
@@ -94,11 +98,13 @@ def bag_attrs(grid: TileGrid, slide_path: Path, runtime: dict[str, Any], encoder
         encoder=encoder["name"],
         encoder_arch=encoder["arch"],
         encoder_dim=encoder["dim"],
+        encoder_embedding=encoder["embedding"],
         weights_id=encoder["weights_id"],
         encoder_expected_mpp=encoder["expected_mpp"],
+        encoder_input_mpp=input_mpp,
         preprocessing={
             **encoder["preprocessing"],
-            "read": "best pyramid level, one area resample to input_size",
+            "read": "best pyramid level, one area resample to read size",
         },
         stain=stain,
         tile_spec=grid.spec.name,
@@ -143,6 +149,8 @@ def record_grid(info: dict[str, Any], gw: GridWork, seconds: float) -> list[str]
         )
     if len(grid) == 0:
         warnings.append(f"no tiles at {name}: wrote an empty (0, D) bag")
+    if gw.off_resolution is not None:
+        warnings.append(gw.off_resolution)
     return warnings
 
 
@@ -299,13 +307,15 @@ class Writer:
         except Exception as exc:
             self._fail(work, exc)
             return
-        work.outputs.append(str(gw.dest))
-        work.warnings += record_grid(work.info, gw, time.perf_counter() - (gw.t_first or work.t0))
+        gw.seconds = time.perf_counter() - (gw.t_first or work.t0)
         work.grids_done += 1
         if work.grids_done == len(work.grids):
             self._finish_slide(work)
 
     def _finish_slide(self, work: SlideWork) -> None:
+        for gw in work.grids:  # in grid order (fine → coarse), whichever finished first
+            work.outputs.append(str(gw.dest))
+            work.warnings += record_grid(work.info, gw, gw.seconds)
         try:
             if self.cfg.multiscale and len(work.grids) > 1:
                 joined = join_multiscale(self.job, work, self.encoder, self.cfg.fmt)
@@ -338,7 +348,7 @@ class Writer:
     def _record(self, work: SlideWork, result: StageResult | BaseException) -> None:
         try:
             status = record_slide(
-                self.job, self.stage, work.entry.slide_id, result, time.perf_counter() - work.t0
+                self.job, self.stage, work.entry.slide_id, result, time.perf_counter() - work.t0, work.inputs
             )
         finally:
             self.active.pop(work.key, None)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Union
 import numpy as np
 import torch
 
-from wsikit.io import one_line
+from wsikit.io import one_line, write_json
 
 FORMAT = "wsikit-stain"
 VERSION = 1
@@ -334,8 +334,6 @@ class Normalizer:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted normalizer as JSON (atomically); ``load_normalizer`` reads it back."""
-        from wsikit.io import write_json
-
         d = self.describe()
         d["source"] = None  # a per-slide estimate belongs to that slide, not to the shared target
         return write_json(path, d)

@@ -18,6 +18,7 @@ import torch
 
 from wsikit.io import atomic_path
 from wsikit.stain.base import Normalizer, StainError, load_image
+from wsikit.stain.reinhard import lab_to_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _PIL_FORMATS = {
@@ -189,8 +190,6 @@ def stain_swatch(normalizer: Normalizer, size: int = 256) -> np.ndarray:
             halves.append(np.repeat(rgb[None], size // 2, axis=0))
         img = np.concatenate(halves, axis=0)
     else:
-        from wsikit.stain.reinhard import lab_to_rgb
-
         lab = torch.tensor(t["lab_mean"], dtype=torch.float32).view(1, 3, 1)
         img = np.broadcast_to(lab_to_rgb(lab).view(1, 1, 3).numpy(), (size, size, 3))
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
