@@ -128,7 +128,7 @@ def real_batches(ex: Extractor, job: Path, slide_id: str, batch: int, n: int = 4
     from wsikit.grids import read_grid
 
     grid, rt = read_grid(grid_path(job, SPEC, slide_id)), ex.runtime
-    size = rt.encoder.input_size
+    size = rt.encoder.read_size
     with open_slide(grid.attrs["slide_path"]) as slide:
         tiles = [read_tile(slide, tuple(c), grid.size_level0, size) for c in grid.coords[: batch * n]]
     tiles = [tiles[i % len(tiles)] for i in range(batch * n)]  # a small slide's tiles, repeated
