@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,11 @@ from torch import nn
 
 from wsikit.bags import read_bag
 from wsikit.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, get_encoder
+from wsikit.grids import grid_path, read_grid
 from wsikit.jobs import BatchSummary, SlideEntry, Status, read_status, resolve_slides
 from wsikit.runtime import DeviceError, batch_for_memory, is_oom, resolve_devices, split_cpus
 from wsikit.settings import ExtractConfig, TileConfig
+from wsikit.slide import open_slide
 from wsikit.specs import parse_spec
 from wsikit.stages.devices import merge_summaries
 from wsikit.stages.encode import (
@@ -34,7 +37,9 @@ from wsikit.stages.encode import (
 )
 from wsikit.stages.engine import Batcher, ExtractSummary
 from wsikit.stages.extract import Extractor, job_slides, run_extraction, stage_name
+from wsikit.stages.reading import Segment, second_try
 from wsikit.stages.tile import run_tiling
+from wsikit.tiles import read_tile
 
 SPECS = ("1.0/128/0", "2.0/128/0")
 FINE = "mpp1.00_128px_0ov"
@@ -380,3 +385,19 @@ def test_decode_measurement_on_a_jpeg_pyramid(pyramids):
         assert cpu > 0 and gpu > 0  # on a CPU both are CPU decoders; the choice is tested above
         shifted = TileSource(slide, coords + 100, 256, 256)  # crops of several file tiles: no streams
         assert measure_decode(shifted, Runtime(tiny_encoder(), torch.device("cpu")), workers=3) is None
+
+
+def test_tiles_failed_beside_a_bad_one_are_read_again(cohort):
+    """A reader that hit one bad tile may refuse later reads through the same handle (OpenSlide's error
+    state): the tiles that failed beside it are read once more through a fresh handle."""
+    grid = read_grid(grid_path(cohort, FINE, job_slides(cohort, [FINE])[0].slide_id))
+    path = Path(grid.attrs["slide_path"])
+    seg = Segment(1, 1, 0, 0, grid.coords[:3], grid.size_level0, 32, path, grid.slide_id, grid.slide_mpp,
+                  "auto", "auto", False, 3)  # fmt: skip
+    read = second_try(seg, [(None, i, "OpenSlideError: the slide is in an error state") for i in range(3)], 0)
+    with open_slide(path) as slide:
+        for (payload, i, error), xy in zip(read, grid.coords[:3], strict=True):
+            assert not error and i in (0, 1, 2)
+            np.testing.assert_array_equal(payload, read_tile(slide, tuple(xy), grid.size_level0, 32))
+    gone = replace(seg, slide_path=path.with_name("gone.svs"))  # fails again: the first error is kept
+    assert second_try(gone, [(None, 0, "first")], 0) == [(None, 0, "first")]

@@ -15,7 +15,7 @@ import queue
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from wsikit.encoders import Encoder
+from wsikit.encoders.build import Encoder
 from wsikit.io import one_line
 from wsikit.jobs import JobError, SlideEntry, Status
 from wsikit.runtime import split_cpus

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from wsikit.decode import decode_jpeg_batch, gpu_decode_error, resize_batch
-from wsikit.encoders import Encoder
+from wsikit.encoders.build import Encoder
 from wsikit.grids import TileGrid
 from wsikit.runtime import DeviceError, batch_for_memory, is_oom
 from wsikit.slide import Slide

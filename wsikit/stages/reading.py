@@ -131,6 +131,13 @@ class SlideCache:
             if slide is not None:
                 self._close(slide) if now else self._retired.append(slide)
 
+    def close_retired(self) -> None:
+        """Close the slides dropped while threads read through them (once those reads are over)."""
+        with self._lock:
+            for slide in self._retired:
+                self._close(slide)
+            self._retired.clear()
+
     def close(self) -> None:
         with self._lock:
             for slide in [*self._open.values(), *self._retired]:
@@ -170,14 +177,40 @@ def read_segment(seg: Segment, cache: SlideCache, threads: ThreadReaders | None 
                 failure=one_line(exc),
             )
             break
+        if any(error for _, _, error in read):  # the next chunk reopens: some readers refuse every later read
+            cache.drop(seg, now=threads is None)
+            read = second_try(seg, read, lo)
         batch, _, errors = collate_items(read)
-        if any(errors) and threads is None:
-            cache.drop(seg)
         yield Chunk(
             **head, part=part, last=part == parts - 1, start=seg.start + lo, batch=batch, errors=errors
         )
     if items is not None:
         items.source.close()
+    if threads is not None:  # every read of the segment is over
+        cache.close_retired()
+
+
+#: Tiles of a chunk that failed to read, read once more each (beyond it: a broken slide, not worth it).
+SECOND_TRIES = 8
+
+
+def second_try(seg: Segment, read: list, lo: int) -> list:
+    """``read`` (items ``lo``… of a segment) with its failed tiles read once more, each through a slide
+    opened afresh: a reader that hit one bad tile may refuse later reads through that handle (OpenSlide's
+    error state), so a tile read beside it, or after it by another thread, gets another chance. A tile
+    that fails again keeps its first error."""
+    for k in [k for k, (_, _, error) in enumerate(read) if error][:SECOND_TRIES]:
+        with contextlib.suppress(Exception):
+            with open_slide(seg.slide_path, seg.backend, mpp=seg.slide_mpp, slide_id=seg.slide_id) as slide:  # type: ignore[arg-type]
+                source = TileSource(slide, seg.coords[lo + k : lo + k + 1], seg.size_level0, seg.out_size,
+                                    seg.reader)  # fmt: skip
+                try:
+                    payload, _, error = TileItems(source, seg.ship_streams)[0]
+                finally:
+                    source.close()
+            if not error:
+                read[k] = (payload, read[k][1], "")
+    return read
 
 
 class ThreadReaders:
@@ -210,10 +243,7 @@ class ThreadReaders:
             mine.items, mine.seg = None, seg
             source = TileSource(self.cache.get(seg), seg.coords, seg.size_level0, seg.out_size, seg.reader)
             mine.items = TileItems(source, seg.ship_streams)
-        read = [mine.items[i] for i in range(lo, hi)]
-        if any(error for _, _, error in read):
-            self.cache.drop(seg, now=False)
-        return read
+        return [mine.items[i] for i in range(lo, hi)]
 
     def close(self) -> None:
         self.pool.shutdown()
