@@ -195,7 +195,7 @@ def make_runtime(name: str, device: str):
 
     from wsikit.encoders.build import get_encoder
     from wsikit.runtime import cpu_has_bf16, tune_malloc
-    from wsikit.stages.extract import Runtime, prepare_model
+    from wsikit.stages.encode import Runtime, prepare_model
 
     tune_malloc()
     enc = get_encoder(name, pretrained=False, device=device)

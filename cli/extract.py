@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,27 +24,24 @@ from wsikit.cli.common import (
 
 
 @contextlib.contextmanager
-def _progress(n_slides: int) -> Iterator[dict[str, Any]]:
-    """Rich progress over slides and tiles; yields the run's ``on_start``/``on_end``/``on_tiles`` callbacks."""
+def _progress() -> Iterator[dict[str, Any]]:
+    """Rich progress over the run's tiles (rate, ETA) and slides; yields the run's callbacks."""
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())  # fmt: skip
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())  # fmt: skip
     with Progress(*columns, console=console) as progress:
-        slides = progress.add_task("slides", total=n_slides, rate="")
         tiles = progress.add_task("tiles", total=None, rate="")
-        t0, count = time.perf_counter(), [0]
+        slides = progress.add_task("slides", total=None, rate="")
 
-        def on_tiles(n: int) -> None:
-            count[0] += n
-            rate = count[0] / max(1e-9, time.perf_counter() - t0)
-            progress.update(tiles, advance=n, rate=f"{rate:.1f} tiles/s")
+        def on_progress(p: Any) -> None:
+            progress.update(tiles, total=p.tiles_total, completed=p.tiles_done, rate=f"{p.rate:.1f} tiles/s")
+            progress.update(slides, total=p.slides_total, completed=p.slides_done)
 
         yield {
             "on_start": lambda e: progress.update(slides, description=f"slides ({escape(e.slide_id)})"),
-            "on_end": lambda e, status: progress.advance(slides),
-            "on_tiles": on_tiles,
+            "on_progress": on_progress,
         }
 
 
@@ -84,13 +80,32 @@ def extract(
     random_weights: bool = typer.Option(
         False,
         "--random-weights",
-        help="Random initialisation, for timing and tests only (weights_id 'random').",
+        help="Random initialisation from --seed, for timing and tests only (weights_id 'random:seed=N').",
     ),
+    seed: int = typer.Option(0, "--seed", help="Seed of --random-weights (the same weights in every run)."),
     spec: list[str] = typer.Option(
         [], "--spec", help="Tile spec(s) to encode, e.g. 20x/256 or mpp0.50_256px_0ov (default: all tiled)."
     ),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Tiles per forward pass."),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        "-b",
+        help="Tiles per forward pass (default: 64 on a CPU; on a GPU the largest power of two ≤ 512 that "
+        "fits in 60% of its free memory, measured; halved if the device runs out of memory).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    devices: str | None = typer.Option(
+        None,
+        "--devices",
+        help="Several GPUs, one engine each sharing the slides: 0,1,2,3 or all (CPU workers are split "
+        "between them).",
+    ),
+    decode: str = typer.Option(
+        "auto",
+        "--decode",
+        help="auto | cpu | gpu: decode JPEG tiles in CPU workers or on the GPU (nvJPEG); "
+        "auto measures both on the first slide.",
+    ),
     precision: str = typer.Option(
         "auto",
         "--precision",
@@ -108,7 +123,9 @@ def extract(
     multiscale: bool = typer.Option(
         True, "--multiscale/--no-multiscale", help="Also write bags joining fine tiles with parent features."
     ),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the encoder."),
+    compile_model: bool = typer.Option(
+        False, "--compile", help="torch.compile the encoder (built and warmed up once per run)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides already done."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry slides that failed before."),
     shard: str | None = typer.Option(
@@ -134,12 +151,14 @@ def extract(
     from wsikit.runtime import DeviceError
     from wsikit.settings import ExtractConfig, SettingsError
     from wsikit.specs import TilingError, parse_spec
-    from wsikit.stages.extract import ExtractError, Extractor, extraction_slides
+    from wsikit.stages.extract import ExtractError, extraction_slides, run_extraction
 
-    names = ("encoder", "weights", "batch_size", "workers", "device", "precision", "fmt", "fp16_features",
-             "compression", "stain", "multiscale", "backend", "reader", "read_timeout")  # fmt: skip
-    values = (encoder, weights, batch_size, workers, device, precision, fmt, fp16_features, compression, stain,
-              multiscale, backend, reader, read_timeout)  # fmt: skip
+    names = ("encoder", "weights", "seed", "batch_size", "workers", "device", "devices", "decode", "precision",
+             "fmt", "fp16_features", "compression", "stain", "multiscale", "backend", "reader",
+             "read_timeout")  # fmt: skip
+    values = (encoder, weights, seed, batch_size, workers, device, devices, decode, precision, fmt,
+              fp16_features, compression, stain, multiscale, backend, reader, read_timeout)  # fmt: skip
+    errors = (ExtractError, EncoderError, JobError, TilingError, SettingsError, DeviceError)
     try:
         options = options_of(names, values)
         options["pretrained"] = (("random_weights",), not random_weights)
@@ -150,18 +169,24 @@ def extract(
             ExtractConfig, layered_settings(ctx, config, "extract", options), config, "extract"
         )
         specs, entries = extraction_slides(job_dir, cfg)
-        mine = share_of(entries, shard)
-        extractor = Extractor.build(cfg)
-    except (ExtractError, EncoderError, JobError, TilingError, SettingsError, DeviceError) as exc:
+    except errors as exc:
         raise fail(str(exc)) from exc
+    mine = share_of(entries, shard)
     if not cfg.specs:
         _warn_stale(job_dir)
-    say(f"{extractor.describe()}: {len(mine)} slide(s) × {', '.join(specs)}")
-    with _progress(len(mine)) as callbacks:
+
+    def on_ready(engine: str) -> None:
+        say(f"{engine}: {len(mine)} slide(s) × {', '.join(specs)}")
+
+    with _progress() as callbacks:
         try:
-            summary = extractor.run(mine, job_dir, specs, overwrite, retry_failed, **callbacks)
+            summary = run_extraction(
+                job_dir, cfg, mine, overwrite, retry_failed, on_ready=on_ready, **callbacks
+            )
         except JobError as exc:  # the job directory itself failed (e.g. disk full)
             raise fail(str(exc), 1) from exc
+        except errors as exc:
+            raise fail(str(exc)) from exc
     print_summary(
         f"wsikit extract → {job_dir}/bags",
         summary,
@@ -171,4 +196,10 @@ def extract(
             "tiles/s": lambda s: " / ".join(str(v) for v in s.info.get("tiles_per_s", {}).values()),
         },
     )
+    if summary.tiles:
+        say(
+            f"encoded {summary.tiles} tiles in {summary.seconds:.2f} s: {summary.tiles_per_s:.1f} tiles/s "
+            f"(batch {summary.batch_size}, decoding on {summary.decode}; model built in "
+            f"{summary.build_seconds:.1f} s before)"
+        )
     exit_for(summary)

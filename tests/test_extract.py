@@ -111,15 +111,15 @@ def _corrupt_level0_tile(slide: Path, x: int, y: int) -> None:
         fh.write(b"\x00" * 64)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_corrupt_tile_is_skipped_and_recorded(job, encoder, workers):
+@pytest.mark.parametrize(("workers", "reader"), [(0, "auto"), (2, "auto"), (2, "openslide")])
+def test_corrupt_tile_is_skipped_and_recorded(job, encoder, workers, reader):
     encoder = dataclasses.replace(encoder, input_size=224)  # 224 of a 256-px footprint: read at level 0
     grid = read_grid(grid_path(job, FINE, "cmu_svs"))
     bad = [tuple(int(v) for v in grid.coords[i]) for i in (3, len(grid) // 2)]
     slide = Path(grid.attrs["slide_path"])
     for x, y in bad:
         _corrupt_level0_tile(slide, x, y)
-    summary = _extract(job, encoder, workers=workers)
+    summary = _extract(job, encoder, workers=workers, reader=reader)
     assert not summary.failed and len(summary.done) == 2
     status = next(s for s in summary.done if s.slide_id == "cmu_svs")
     assert sorted(map(tuple, status.info["skipped"][FINE])) == sorted(bad)

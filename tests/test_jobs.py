@@ -20,8 +20,8 @@ from wsikit.jobs import (
     run_batch,
     scheduler_shard,
     select_shard,
-    slide_lock,
 )
+from wsikit.locks import slide_lock
 
 
 def test_atomic_path_renames_only_on_success(tmp_path):

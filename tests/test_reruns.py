@@ -17,7 +17,8 @@ from wsikit.bags import bag_path, read_bag
 from wsikit.cli.main import app
 from wsikit.encoders.build import get_encoder
 from wsikit.grids import read_grid
-from wsikit.jobs import JobError, SlideEntry, read_status, resolve_slides, slide_lock
+from wsikit.jobs import JobError, SlideEntry, read_status, resolve_slides
+from wsikit.locks import slide_lock
 from wsikit.settings import ExtractConfig, TileConfig
 from wsikit.specs import TileSpec
 from wsikit.stages.extract import job_slides, resolve_specs, run_extraction

@@ -58,7 +58,7 @@ def test_bag_records_the_encoder_identity_and_a_resolution_warning(extracted):
     bag = read_bag(extracted / "bags" / FINE / "kaiko-vits16" / "cmu.h5")
     assert bag.features.shape[1] == 768 and bag.attrs["encoder_dim"] == 768
     assert bag.attrs["encoder"] == "kaiko-vits16" and bag.attrs["encoder_arch"] == "vit_small_patch16_224"
-    assert bag.attrs["encoder_embedding"] == "cls+mean" and bag.attrs["weights_id"] == "random"
+    assert bag.attrs["encoder_embedding"] == "cls+mean" and bag.attrs["weights_id"] == "random:seed=0"
     assert bag.attrs["encoder_expected_mpp"] == 0.5 and abs(bag.attrs["encoder_input_mpp"] - 0.5) < 0.01
     status = read_status(extracted, "extract-kaiko-vits16", "cmu")
     assert status is not None

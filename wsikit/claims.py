@@ -21,7 +21,8 @@ from typing import Any
 
 from wsikit.config import fingerprint
 from wsikit.io import jsonable, write_json
-from wsikit.jobs import JobError, ensure_job_dir, lock_is_stale
+from wsikit.jobs import JobError, ensure_job_dir
+from wsikit.locks import lock_is_stale
 from wsikit.settings import ExtractConfig
 
 _WAIT_SECONDS = 30.0  # how long a claim waits for another process's claim to be written

@@ -160,6 +160,17 @@ def read_grid(path: str | os.PathLike) -> TileGrid:
     return TileGrid(coords, spec, slide_id, slide_mpp, size0, fractions, parents, attrs)
 
 
+def grid_length(path: str | os.PathLike) -> int:
+    """How many tiles a coordinates file holds (0 when it cannot be read: reading it fails later)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            return int(fh["coords"].shape[0])
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
 def write_grid(path: str | os.PathLike, grid: TileGrid) -> Path:
     """Write ``grid`` atomically: ``coords`` (with ``grid.attrs``), ``tissue_fraction``, ``parents/*``."""
     import h5py

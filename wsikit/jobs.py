@@ -1,5 +1,5 @@
-"""Job directories shared by every per-slide stage: slide lists, shards, locks, status records, the
-per-slide batch loop and the job overview.
+"""Job directories shared by every per-slide stage: slide lists, shards, status records, the per-slide
+batch loop and the job overview (the per-slide locks are :mod:`wsikit.locks`).
 
 A job directory holds each stage's outputs and one status record per slide and stage::
 
@@ -11,7 +11,6 @@ Resume trusts only the status records: a lock or an output file is never taken a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import json
@@ -19,7 +18,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,11 @@ from typing import Any
 from wsikit import __version__
 from wsikit.dicom import DICOM_SUFFIX, dicom_slides
 from wsikit.io import clear_stale_temps, ensure_dir, one_line, read_table, write_json
+from wsikit.locks import acquire_lock, lock_is_stale, release_lock
 
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm", ".qptiff",
 )  # fmt: skip
-STALE_LOCK_SECONDS = 24 * 3600
 
 
 class JobError(ValueError):
@@ -220,7 +219,7 @@ def take_share(
     return select_shard(entries, which), which
 
 
-# -- status records and locks --------------------------------------------------------------------------
+# -- status records -----------------------------------------------------------------------------------
 @dataclass
 class Status:
     """A slide's record for one stage: ``done`` only after its outputs are in place."""
@@ -255,66 +254,6 @@ def read_status(job_dir: str | os.PathLike, stage: str, slide_id: str) -> Status
 def write_status(job_dir: str | os.PathLike, status: Status) -> Path:
     status.wsikit_version = __version__
     return write_json(status_path(job_dir, status.stage, status.slide_id), asdict(status))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def slide_lock(
-    job_dir: str | os.PathLike, stage: str, slide_id: str, stale_after: float = STALE_LOCK_SECONDS
-) -> Iterator[bool]:
-    """Try to take the per-slide lock; yields True when held (and releases it), False when busy.
-
-    A lock whose process is dead on this host, or that is older than ``stale_after`` seconds,
-    is reclaimed.
-    """
-    path = Path(job_dir) / "locks" / stage / f"{slide_id}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if lock_is_stale(path, stale_after):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            yield False
-            return
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        try:
-            yield True
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        return
-    yield False
-
-
-def lock_is_stale(path: Path, stale_after: float = STALE_LOCK_SECONDS) -> bool:
-    """A lock left by a dead process on this host, older than ``stale_after`` seconds, or unreadable and
-    older than a minute."""
-    try:
-        holder = json.loads(path.read_text())
-        age = time.time() - float(holder["started"])
-    except (OSError, ValueError, KeyError, TypeError):
-        # unreadable (being written, or a crash mid-write): stale only once it is old
-        try:
-            return time.time() - path.stat().st_mtime > 60
-        except FileNotFoundError:
-            return True
-    if age > stale_after:
-        return True
-    return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1)))
 
 
 def ensure_job_dir(job_dir: str | os.PathLike) -> Path:
@@ -363,6 +302,103 @@ def _skip_reason(previous: Status | None, redo: bool, retry_failed: bool) -> str
     return f"failed earlier with the same inputs: {previous.error}; --retry-failed to try again"
 
 
+def _wanted(stage: str, entry: SlideEntry, job_dir: str | os.PathLike, overwrite: bool, retry_failed: bool,
+            outdated: Callable[[Status], bool] | None, inputs: Callable[[SlideEntry], str] | None) -> Claim:  # fmt: skip
+    """The slide's claim before its lock: ``todo`` (with whether a record is redone) or ``skipped``."""
+    previous = read_status(job_dir, stage, entry.slide_id)
+    key = inputs(entry) if inputs is not None else None
+    changed = previous is not None and key is not None and previous.info.get("inputs", key) != key
+    stale = previous is not None and previous.state == "done" and outdated is not None and outdated(previous)
+    redo = overwrite or changed or stale
+    why = _skip_reason(previous, redo, retry_failed)
+    return Claim("skipped" if why else "todo", why=why, inputs=key, previous=previous, redo=redo)
+
+
+@dataclass
+class Claim:
+    """Whether this process works on a slide now: ``todo`` with its ``lock`` held, ``skipped`` (``why``)
+    or ``busy`` (locked by another live process); ``inputs`` is this run's fingerprint for its record."""
+
+    state: str
+    lock: Path | None = None
+    why: str | None = None
+    inputs: str | None = None
+    previous: Status | None = None
+    redo: bool = False
+
+    def settle(self, summary: BatchSummary, slide_id: str) -> None:
+        """Count a slide not worked on in ``summary``."""
+        getattr(summary, self.state).append(slide_id)
+        if self.why is not None:
+            summary.why_skipped[slide_id] = self.why
+
+
+def pending_slides(stage: str, entries: Iterable[SlideEntry], job_dir: str | os.PathLike, overwrite: bool = False,
+                   retry_failed: bool = False, outdated: Callable[[Status], bool] | None = None,
+                   inputs: Callable[[SlideEntry], str] | None = None) -> list[SlideEntry]:  # fmt: skip
+    """The slides :func:`claim_slide` would work on now (locks aside): for progress totals."""
+    return [
+        e
+        for e in entries
+        if _wanted(stage, e, job_dir, overwrite, retry_failed, outdated, inputs).state == "todo"
+    ]
+
+
+def claim_slide(
+    stage: str,
+    entry: SlideEntry,
+    job_dir: str | os.PathLike,
+    overwrite: bool = False,
+    retry_failed: bool = False,
+    outdated: Callable[[Status], bool] | None = None,
+    inputs: Callable[[SlideEntry], str] | None = None,
+) -> Claim:
+    """Claim a slide: skipped when recorded done (or failed, unless ``retry_failed``), unless
+    ``overwrite``, unless ``outdated(record)`` says a done record's settings no longer match, or unless
+    ``inputs(entry)`` (a fingerprint of what this run would feed the slide's work: an MPP override, the
+    grids it reads, …, kept in every record) differs from the record's, done or failed: a rerun with the
+    fix an error asked for does the slide again. Otherwise its lock is taken (``busy`` when another live
+    process holds it)."""
+    claim = _wanted(stage, entry, job_dir, overwrite, retry_failed, outdated, inputs)
+    if claim.state != "todo":
+        return claim
+    claim.lock = acquire_lock(job_dir, stage, entry.slide_id)
+    if claim.lock is None:
+        claim.state = "busy"
+        return claim
+    # another process may have finished the slide between our check and the lock
+    again = read_status(job_dir, stage, entry.slide_id)
+    if again and not claim.redo and again.finished_at != getattr(claim.previous, "finished_at", None):
+        release_lock(claim.lock)
+        claim.state, claim.lock, claim.why = "skipped", None, f"{again.state} by another process meanwhile"
+        return claim
+    clear_stale_temps(status_path(job_dir, stage, entry.slide_id))
+    return claim
+
+
+def record_slide(job_dir: str | os.PathLike, stage: str, slide_id: str, result: StageResult | BaseException,
+                 seconds: float, inputs: str | None = None) -> Status:  # fmt: skip
+    """Write a claimed slide's record: ``done`` with ``result``'s outputs, or ``failed`` with the
+    exception's one-line error (and its traceback in ``info``), with the run's ``inputs`` fingerprint.
+    A record that cannot be written (disk full) raises a :class:`JobError` naming it."""
+    if isinstance(result, BaseException):
+        status = Status(stage, slide_id, "failed", error=one_line(result))
+        status.info["traceback"] = "".join(traceback.format_exception(result, limit=6))
+    else:
+        status = Status(stage, slide_id, "done", result.outputs, result.info, result.warnings)
+    status.seconds = round(seconds, 3)
+    if inputs is not None:
+        status.info["inputs"] = inputs
+    try:
+        write_status(job_dir, status)
+    except OSError as exc:  # disk full or quota: stop here, everything recorded so far stays valid
+        raise JobError(
+            f"{status_path(job_dir, stage, slide_id)}: cannot write the status record "
+            f"({exc.strerror or exc}); free disk space and rerun (recorded slides are kept, this one is redone)"
+        ) from exc
+    return status
+
+
 def run_batch(
     stage: str,
     entries: Iterable[SlideEntry],
@@ -377,87 +413,35 @@ def run_batch(
 ) -> BatchSummary:
     """Run ``work`` on each slide with locks, skip-done and per-slide failure records.
 
-    A slide is skipped when its status says done (or failed, unless ``retry_failed``), unless
-    ``overwrite``, unless ``outdated(record)`` says a done record's settings no longer match, or unless
-    ``inputs(entry)`` (a fingerprint of what this run would feed the slide's work: an MPP override, the
-    grids it reads, …, kept in every record) differs from the record's, done or failed: a rerun with the
-    fix an error asked for does the slide again. An exception in ``work`` becomes a ``failed`` record and
-    the batch goes on; a job directory or status record that cannot be written (disk full, read-only)
-    stops the batch with a :class:`JobError`.
+    Which slides are worked on is :func:`claim_slide`'s rule. An exception in ``work`` becomes a
+    ``failed`` record and the batch goes on; a job directory or status record that cannot be written
+    (disk full, read-only) stops the batch with a :class:`JobError`.
     """
     ensure_job_dir(job_dir)
     summary = BatchSummary()
     for entry in entries:
-        previous = read_status(job_dir, stage, entry.slide_id)
-        key = inputs(entry) if inputs is not None else None
-        changed = previous is not None and key is not None and previous.info.get("inputs", key) != key
-        stale = (
-            previous is not None and previous.state == "done" and outdated is not None and outdated(previous)
-        )
-        redo = overwrite or changed or stale
-        reason = _skip_reason(previous, redo, retry_failed)
+        claim = claim_slide(stage, entry, job_dir, overwrite, retry_failed, outdated, inputs)
         status = None
-        if reason is not None:
-            summary.skipped.append(entry.slide_id)
-            summary.why_skipped[entry.slide_id] = reason
+        if claim.lock is None:
+            claim.settle(summary, entry.slide_id)
         else:
-            status = _run_one(stage, entry, work, job_dir, (previous, redo, key), summary, on_start)
+            try:
+                if on_start:
+                    on_start(entry)
+                t0 = time.perf_counter()
+                try:
+                    result: StageResult | BaseException = work(entry)
+                except Exception as exc:
+                    result = exc
+                status = record_slide(
+                    job_dir, stage, entry.slide_id, result, time.perf_counter() - t0, claim.inputs
+                )
+            finally:
+                release_lock(claim.lock)
+            (summary.failed if status.state == "failed" else summary.done).append(status)
         if on_end:
             on_end(entry, status)
     return summary
-
-
-def _run_one(
-    stage: str,
-    entry: SlideEntry,
-    work: Callable[[SlideEntry], StageResult],
-    job_dir: str | os.PathLike,
-    before: tuple[Status | None, bool, str | None],
-    summary: BatchSummary,
-    on_start: Callable[[SlideEntry], None] | None,
-) -> Status | None:
-    """One slide under its lock (``before``: its record, whether to redo it, this run's inputs): its new
-    status, recorded before the lock is released; None when busy, or done by another process meanwhile."""
-    previous, redo, key = before
-    with slide_lock(job_dir, stage, entry.slide_id) as held:
-        if not held:
-            summary.busy.append(entry.slide_id)
-            return None
-        # another process may have finished the slide between our check and the lock
-        again = read_status(job_dir, stage, entry.slide_id)
-        if again and not redo and again.finished_at != getattr(previous, "finished_at", None):
-            summary.skipped.append(entry.slide_id)
-            summary.why_skipped[entry.slide_id] = f"{again.state} by another process meanwhile"
-            return None
-        clear_stale_temps(status_path(job_dir, stage, entry.slide_id))
-        if on_start:
-            on_start(entry)
-        t0 = time.perf_counter()
-        try:
-            result = work(entry)
-        except Exception as exc:
-            status = Status(stage, entry.slide_id, "failed", error=one_line(exc))
-            status.info["traceback"] = traceback.format_exc(limit=6)
-            summary.failed.append(status)
-        else:
-            status = Status(stage, entry.slide_id, "done", result.outputs, result.info, result.warnings)
-            summary.done.append(status)
-        status.seconds = round(time.perf_counter() - t0, 3)
-        if key is not None:
-            status.info["inputs"] = key
-        _record(job_dir, status)
-        return status
-
-
-def _record(job_dir: str | os.PathLike, status: Status) -> None:
-    """Write a slide's status record; a record that cannot be written stops the batch."""
-    try:
-        write_status(job_dir, status)
-    except OSError as exc:  # disk full or quota: stop here, everything recorded so far stays valid
-        raise JobError(
-            f"{status_path(job_dir, status.stage, status.slide_id)}: cannot write the status record "
-            f"({exc.strerror or exc}); free disk space and rerun (recorded slides are kept, this one is redone)"
-        ) from exc
 
 
 # -- job overview --------------------------------------------------------------------------------------
@@ -483,11 +467,7 @@ def job_status(job_dir: str | os.PathLike, slide_ids: Sequence[str] | None = Non
     report: dict[str, Any] = {"job_dir": str(job), "slides": len(known), "stages": {}}
     for stage in stages:
         running = (
-            {
-                p.stem
-                for p in (job / "locks" / stage).glob("*.lock")
-                if not lock_is_stale(p, STALE_LOCK_SECONDS)
-            }
+            {p.stem for p in (job / "locks" / stage).glob("*.lock") if not lock_is_stale(p)}
             if (job / "locks" / stage).is_dir()
             else set()
         )

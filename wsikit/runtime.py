@@ -102,6 +102,60 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def resolve_devices(devices: str | None, device: str = "auto") -> list[str]:
+    """The devices of a run, one extraction engine each: ``devices`` (``"0,1,2,3"`` or ``"cuda:0,cuda:1"``
+    for GPUs, ``"all"`` for every visible GPU, ``"cpu,cpu"`` for CPU engines) or, when None, ``device``."""
+    import torch
+
+    if not devices:
+        return [str(resolve_device(device))]
+    if devices.strip() == "all":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not n:
+            raise DeviceError(
+                "--devices all: no CUDA GPU is visible; use --device cpu (or check CUDA_VISIBLE_DEVICES)"
+            )
+        return [f"cuda:{i}" for i in range(n)]
+    names = [d.strip() for d in devices.split(",") if d.strip()]
+    out = [str(resolve_device(f"cuda:{d}" if d.isdigit() else d)) for d in names]
+    gpus = [d for d in out if d != "cpu"]
+    if len(set(gpus)) != len(gpus) or "cuda" in gpus:
+        raise DeviceError(f"--devices {devices}: name each GPU once by number (e.g. 0,1,2,3) or use all")
+    return out
+
+
+def split_cpus(n_engines: int, cpus: int | None = None) -> list[int]:
+    """The allotted CPUs shared between ``n_engines`` engines (each gets at least one)."""
+    cpus = cpus or allotted_cpus()
+    base, extra = divmod(cpus, n_engines)
+    return [max(1, base + (i < extra)) for i in range(n_engines)]
+
+
+#: Largest automatic GPU batch: GPU throughput is flat beyond it, while pinned host memory and the
+#: pipeline's latency keep growing.
+MAX_AUTO_BATCH = 512
+
+
+def batch_for_memory(per_tile: float, fixed: float, free: float, fraction: float = 0.6) -> int:
+    """The automatic GPU batch size: the largest power of two whose measured memory (``fixed`` bytes plus
+    ``per_tile`` bytes a tile, from two probe forwards) fits in ``fraction`` of the ``free`` device memory,
+    between 1 and :data:`MAX_AUTO_BATCH`."""
+    room = fraction * free - max(0.0, fixed)
+    n = int(room // per_tile) if per_tile > 0 else MAX_AUTO_BATCH
+    size = 1
+    while size * 2 <= min(n, MAX_AUTO_BATCH):
+        size *= 2
+    return size
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether an exception is the device (or the host allocator) running out of memory."""
+    text = str(exc).lower()
+    return type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    )
+
+
 def resolve_precision(precision: str, device: torch.device, preferred: str = "fp16") -> torch.dtype | None:
     """Autocast dtype for ``precision`` (auto | fp32 | bf16 | fp16) on ``device``; None means fp32.
 

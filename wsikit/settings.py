@@ -33,6 +33,8 @@ class MaskError(ValueError):
 #: Tissue-mask methods (implemented in :mod:`wsikit.tissue`) and tile readers (:mod:`wsikit.tiles`).
 MASK_METHODS = ("od", "otsu")
 READERS = ("auto", "native", "openslide", "tiffslide")
+#: Where JPEG tiles are decoded during extraction: measured (auto), CPU reading workers, or the GPU (nvJPEG).
+DECODES = ("auto", "cpu", "gpu")
 #: Mask settings whose default depends on the method (``None`` in :class:`MaskParams`: the method's).
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "od": {"close_um": 64.0, "pen_min_um2": 20_000.0},
@@ -172,11 +174,14 @@ class ExtractConfig:
     encoder: str = "resnet50-trunc"
     embedding: str | None = None  # None: the encoder's own rule (wsikit.encoders.pooling)
     weights: Path | None = None
-    pretrained: bool = True  # False: random initialisation (timing and tests only; weights_id "random")
+    pretrained: bool = True  # False: random initialisation from ``seed`` (weights_id "random:seed=N")
+    seed: int = 0  # seeds random weights, so two runs encode with the same ones
     specs: tuple[str, ...] = ()  # spec names; empty: every spec tiled in the job
-    batch_size: int = 64
+    batch_size: int | None = None  # None: automatic (64 on a CPU; on a GPU from its measured memory per tile)
     workers: int | None = None  # None: default_workers(device)
     device: str = "auto"
+    devices: str | None = None  # several engines, one per device: "0,1,2,3", "all" (GPUs), "cpu,cpu"
+    decode: str = "auto"  # auto | cpu | gpu: where JPEG tiles are decoded (auto: measured on a GPU)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     fmt: str = "h5"
     fp16_features: bool = False
@@ -197,8 +202,10 @@ class ExtractConfig:
             raise SettingsError(f"--reader {self.reader!r}: use one of {', '.join(READERS)}")
         if self.fmt not in ("h5", "zarr"):
             raise SettingsError(f"--format {self.fmt!r}: use h5 or zarr")
-        if self.batch_size < 1:
-            raise SettingsError(f"--batch-size {self.batch_size}: must be ≥ 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise SettingsError(f"--batch-size {self.batch_size}: must be ≥ 1 (or leave it out: automatic)")
+        if self.decode not in DECODES:
+            raise SettingsError(f"--decode {self.decode!r}: use one of {', '.join(DECODES)}")
         if self.read_timeout < 0:
             raise SettingsError(f"--read-timeout {self.read_timeout}: must be ≥ 0 (0: no limit)")
 

