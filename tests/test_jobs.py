@@ -21,7 +21,7 @@ from wsikit.jobs import (
     scheduler_shard,
     select_shard,
 )
-from wsikit.locks import slide_lock
+from wsikit.locks import acquire_lock, release_lock
 
 
 def test_atomic_path_renames_only_on_success(tmp_path):
@@ -116,20 +116,20 @@ def test_scheduler_shards(env, expected):
 
 
 def test_locks_exclude_and_reclaim_stale(tmp_path):
-    with slide_lock(tmp_path, "tile", "s1") as held:
-        assert held
-        with slide_lock(tmp_path, "tile", "s1") as again:
-            assert not again
+    held = acquire_lock(tmp_path, "tile", "s1")
+    assert held is not None
+    assert acquire_lock(tmp_path, "tile", "s1") is None
+    release_lock(held)
     lock = tmp_path / "locks" / "tile" / "s2.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     # a dead process on this host
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7, "started": time.time()}))
-    with slide_lock(tmp_path, "tile", "s2") as held:
-        assert held
+    held = acquire_lock(tmp_path, "tile", "s2")
+    assert held is not None
+    release_lock(held)
     # a live process elsewhere, but too old
     lock.write_text(json.dumps({"host": "other", "pid": os.getpid(), "started": time.time() - 10**6}))
-    with slide_lock(tmp_path, "tile", "s2") as held:
-        assert held
+    assert acquire_lock(tmp_path, "tile", "s2") is not None
 
 
 def test_run_batch_records_failures_and_resumes(tmp_path):

@@ -18,7 +18,7 @@ from wsikit.cli.main import app
 from wsikit.encoders.build import get_encoder
 from wsikit.grids import read_grid
 from wsikit.jobs import JobError, SlideEntry, read_status, resolve_slides
-from wsikit.locks import slide_lock
+from wsikit.locks import acquire_lock, release_lock
 from wsikit.settings import ExtractConfig, TileConfig
 from wsikit.specs import TileSpec
 from wsikit.stages.extract import job_slides, resolve_specs, run_extraction
@@ -74,8 +74,12 @@ def test_overwrite_is_refused_while_another_process_works(tmp_path, small_slides
     job = tmp_path / "job"
     run_tiling(entries, job, TileConfig((TileSpec(0.5, 256),), min_tissue=0.5))
     # a live process (this one) is tiling a slide of the job
-    with slide_lock(job, "tile", "other"), pytest.raises(JobError, match=r"another process"):
-        run_tiling(entries, job, TileConfig((TileSpec(0.5, 256),), min_tissue=0.1), overwrite=True)
+    held = acquire_lock(job, "tile", "other")
+    try:
+        with pytest.raises(JobError, match=r"another process"):
+            run_tiling(entries, job, TileConfig((TileSpec(0.5, 256),), min_tissue=0.1), overwrite=True)
+    finally:
+        release_lock(held)  # type: ignore[arg-type]
 
 
 def test_overwrite_replaces_the_jobs_settings(tmp_path, small_slides):  # guard: --overwrite still works

@@ -9,7 +9,6 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 STALE_LOCK_SECONDS = 24 * 3600
@@ -53,19 +52,6 @@ def release_lock(path: Path) -> None:
     """Let go of a lock taken by :func:`acquire_lock`."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-
-@contextlib.contextmanager
-def slide_lock(
-    job_dir: str | os.PathLike, stage: str, slide_id: str, stale_after: float = STALE_LOCK_SECONDS
-) -> Iterator[bool]:
-    """Try to take the per-slide lock; yields True when held (and releases it), False when busy."""
-    path = acquire_lock(job_dir, stage, slide_id, stale_after)
-    try:
-        yield path is not None
-    finally:
-        if path is not None:
-            release_lock(path)
 
 
 def lock_is_stale(path: Path, stale_after: float = STALE_LOCK_SECONDS) -> bool:
