@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from wsikit.io import atomic_path
+from wsikit.io import write_text
 
 
 class SplitError(ValueError):
@@ -164,10 +164,7 @@ def save_splits(
                         split,
                     ]
                 )
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-    return path
+    return write_text(path, buf.getvalue())
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:

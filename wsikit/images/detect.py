@@ -28,7 +28,7 @@ from torch import nn
 
 from wsikit.encoders.build import get_encoder
 from wsikit.images.coco import CocoDataset, CocoSet, DetectError, coco_map, collate
-from wsikit.io import atomic_path, jsonable, write_json
+from wsikit.io import jsonable, write_json, write_png, write_text
 from wsikit.runtime import read_config_checkpoint, save_checkpoint
 
 ARCHS = ("fasterrcnn", "retinanet")
@@ -347,10 +347,7 @@ def draw_detections(
         cv2.putText(
             img, text, (x, max(8, y - 2)), cv2.FONT_HERSHEY_SIMPLEX, scale, (230, 0, 0), 1, cv2.LINE_AA
         )
-    _, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-    with atomic_path(out_path, suffix=".png") as tmp:
-        tmp.write_bytes(png.tobytes())
-    return Path(out_path)
+    return write_png(out_path, img)
 
 
 def evaluate_detector(
@@ -377,8 +374,7 @@ def evaluate_detector(
             f"| {n} | {metrics['ap_50_per_class'][n]:.4f} | {metrics['ap_50_95_per_class'][n]:.4f} |"
         )
     lines.append(f"| **mean** | {metrics['map_50']:.4f} | {metrics['map_50_95']:.4f} |")
-    with atomic_path(out_dir / "detection_report.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    write_text(out_dir / "detection_report.md", "\n".join(lines) + "\n")
     ds = CocoDataset(coco)
     names = dict(zip(coco.category_ids, coco.category_names, strict=True))
     for i, info in enumerate(coco.images[:n_draw]):

@@ -24,7 +24,7 @@ from wsikit.images.data import ImageSet
 from wsikit.images.gradcam import gradcam, save_gradcam_grid
 from wsikit.images.models import Classifier, load_classifier
 from wsikit.images.settings import ModelConfig
-from wsikit.io import atomic_path
+from wsikit.io import write_text
 from wsikit.reports import plot_roc_pr_reliability, write_report
 from wsikit.runtime import resolve_device
 
@@ -277,9 +277,7 @@ def write_predictions(
                 else [mcfg.class_names[labels[i]]]
             )
         w.writerow([name, *lab, pred[i], *(f"{v:.6f}" for v in probs[i])])
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-    return path
+    return write_text(path, buf.getvalue())
 
 
 def gradcam_sample(

@@ -47,7 +47,7 @@ from wsikit.images.evaluate import (
 )
 from wsikit.images.models import Classifier, build_classifier, save_classifier
 from wsikit.images.settings import ModelConfig, TrainConfig
-from wsikit.io import atomic_path, write_json
+from wsikit.io import write_json, write_text
 from wsikit.reports import write_report
 from wsikit.runtime import resolve_device, save_checkpoint
 
@@ -430,8 +430,7 @@ def _write_split(path: Path, data: ImageSet, parts: dict[str, np.ndarray]) -> No
         for i in idx:
             pat = "" if data.patients is None else str(data.patients[i])
             rows.append(f"{data.names[i]},{pat},{split}")
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(rows) + "\n")
+    write_text(path, "\n".join(rows) + "\n")
 
 
 def cross_validate(

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from wsikit.io import atomic_path, jsonable, write_json
+from wsikit.io import jsonable, write_json, write_text
 from wsikit.metrics import (
     auroc_metric,
     bootstrap_ci,
@@ -168,10 +168,7 @@ def write_predictions_csv(
             row.append(labels[i])
         row += [f"{p:.6f}" for p in probs[i]] + [class_names[pred[i]]]
         w.writerow(row)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-    return path
+    return write_text(path, buf.getvalue())
 
 
 def headline_keys(n_classes: int) -> list[str]:
