@@ -62,11 +62,16 @@ class Bag:
         return np.concatenate([self.features, *(self.context[k] for k in sorted(self.context))], axis=1)
 
 
+def safe_encoder_name(encoder_name: str) -> str:
+    """An encoder name as one path component (``timm:hf-hub:org/model`` → ``timm_hf-hub_org_model``)."""
+    return encoder_name.replace("/", "_").replace(":", "_")
+
+
 def bag_path(
     job_dir: str | os.PathLike, spec_name: str, encoder_name: str, slide_id: str, fmt: str = "h5"
 ) -> Path:
     """``<job>/bags/<spec_name>/<encoder_name>/<slide_id>.h5`` (or ``.zarr``); unsafe characters → ``_``."""
-    safe = encoder_name.replace("/", "_").replace(":", "_")
+    safe = safe_encoder_name(encoder_name)
     return Path(job_dir) / "bags" / spec_name / safe / f"{slide_id}.{'zarr' if fmt == 'zarr' else 'h5'}"
 
 

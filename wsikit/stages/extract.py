@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wsikit.bags.format import safe_encoder_name
 from wsikit.claims import claim_extraction
 from wsikit.encoders.build import Encoder, get_encoder
 from wsikit.grids import grid_path, list_specs, read_grid, tiled_specs
@@ -67,7 +68,7 @@ STAGE = "extract"
 
 def stage_name(encoder_name: str) -> str:
     """Status stage of an encoder: ``extract-<encoder>`` (``/`` and ``:`` become ``_``)."""
-    return f"{STAGE}-{encoder_name.replace('/', '_').replace(':', '_')}"
+    return f"{STAGE}-{safe_encoder_name(encoder_name)}"
 
 
 # -- many slides ---------------------------------------------------------------------------------------
